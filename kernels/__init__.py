@@ -1,0 +1,1 @@
+"""Triton kernels of protoclr, installed as `protoclr.kernels` (one file per fused op)."""

@@ -1,0 +1,61 @@
+"""Batch factory shared by tests and benchmarks, and error metrics."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def make_batch(
+    m: int,
+    views: int = 2,
+    dz: int = 16,
+    dh: int = 24,
+    k: int = 3,
+    unknown: float = 0.25,
+    dtype=torch.float64,
+    device="cpu",
+    requires_grad: bool = False,
+    generator: torch.Generator | None = None,
+    shuffle: bool = True,
+):
+    """A random SPCL batch of M images × V views (N = M·V rows).
+
+    Returns dict with z (N, dz) L2-normalised, h (N, dh), inst (N,) int64 (dataset-like ids, not 0..M-1),
+    proto (N,) int64 in [-1, k) (a share `unknown` of images at -1, per image, so views agree), weight (dh,),
+    bias (1,). Rows are shuffled so views of an image are not adjacent.
+    """
+    g = generator
+    n = m * views
+    ids = torch.randperm(10 * m + 7, generator=g)[:m] + 3  # distinct image ids
+    img_proto = torch.randint(0, k, (m,), generator=g)
+    img_proto[torch.rand(m, generator=g) < unknown] = -1
+    inst = ids.repeat(views)
+    proto = img_proto.repeat(views)
+    if shuffle:
+        perm = torch.randperm(n, generator=g)
+        inst, proto = inst[perm], proto[perm]
+    z = F.normalize(torch.randn(n, dz, generator=g, dtype=torch.float64), dim=1)
+    h = torch.randn(n, dh, generator=g, dtype=torch.float64)
+    weight = torch.randn(dh, generator=g, dtype=torch.float64) / dh**0.5
+    bias = torch.randn(1, generator=g, dtype=torch.float64)
+    out = dict(z=z, h=h, inst=inst, proto=proto, weight=weight, bias=bias)
+    for key in ("z", "h"):
+        out[key] = out[key].to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    for key in ("weight", "bias"):
+        wdt = torch.float64 if dtype == torch.float64 else torch.float32
+        out[key] = out[key].to(device=device, dtype=wdt).requires_grad_(requires_grad)
+    out["inst"] = out["inst"].to(device)
+    out["proto"] = out["proto"].to(device)
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64 (absolute when b is 0); NaN anywhere gives inf."""
+    a = a.detach().to(torch.float64).cpu()
+    b = b.detach().to(torch.float64).cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    nb = b.norm().item()
+    d = (a - b).norm().item()
+    return d / nb if nb > 0 else d
