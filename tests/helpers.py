@@ -59,3 +59,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     nb = b.norm().item()
     d = (a - b).norm().item()
     return d / nb if nb > 0 else d
+
+
+def make_batch_n(n: int, **kw):
+    """make_batch with exactly n rows (pairs of views, the last image possibly with a single view)."""
+    b = make_batch((n + 1) // 2, 2, **kw)
+    for key in ("z", "h", "inst", "proto"):
+        t = b[key][:n]
+        b[key] = t.detach().requires_grad_(b[key].requires_grad) if t.is_floating_point() else t
+    return b
+
+
+# Relative error bounds vs the float64 reference (SPEC §3 numerics).
+def tolerance(backend: str, device: str, dtype: torch.dtype) -> float:
+    if dtype == torch.float64:
+        return 1e-10 if device == "cpu" else 1e-9
+    if dtype == torch.float32:
+        return 1e-5 if device == "cpu" else 1e-3
+    return 1e-2
+
+
+def interpreting_triton(backend: str, device) -> bool:
+    return backend == "triton" and str(device) == "cpu"

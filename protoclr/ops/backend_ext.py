@@ -78,3 +78,9 @@ def contrastive(z, zc, inst, instc, proto, protoc, row_offset, tau, fn_mode):
 
 def siamese(h, hc, inst, instc, proto, protoc, weight, bias, row_offset):
     return torch.ops.protoclr.siamese_fwd.default(h, hc, inst, instc, proto, protoc, weight, bias, row_offset)
+
+
+def torch_ops() -> dict:
+    """The registered ops behind this backend, by family name (for `torch.library.opcheck` in tests)."""
+    ns = torch.ops.protoclr
+    return {name: getattr(ns, name).default for name in _OPS}

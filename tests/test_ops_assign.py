@@ -1,0 +1,57 @@
+"""Every non-reference backend's prototype assignment against the reference (SPEC 1.4)."""
+
+import pytest
+import torch
+
+from protoclr import ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,d", [(1, 1, 1), (97, 13, 33), (1025, 300, 64)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_parity(backend, dtype, m, k, d, with_bias):
+    name, device = backend
+    x = torch.randn(m, d, dtype=torch.float64).to(dtype)
+    c = torch.randn(k, d, dtype=torch.float64).to(dtype)
+    bias = torch.randn(k, dtype=torch.float64) if with_bias else None
+    ref_idx, ref_score = ops.assign(x.double(), c.double(), bias, backend="reference")
+    idx, score = ops.assign(x.to(device), c.to(device), None if bias is None else bias.to(device), backend=name)
+    assert idx.dtype == torch.int64 and score.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    idx, score = idx.cpu(), score.cpu()
+    # A different index is only allowed where the two best scores are within rounding of each other.
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}[dtype] * (d**0.5)
+    full = x.double() @ c.double().T + (0 if bias is None else bias)
+    chosen = full.gather(1, idx[:, None]).squeeze(1)
+    assert ((ref_score - chosen).abs() <= tol).all()
+    assert ((score.double() - ref_score).abs() <= tol).all()
+    if dtype == torch.float64:
+        assert torch.equal(idx, ref_idx)
+
+
+def test_ties_take_lowest_index(backend):
+    name, device = backend
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]], device=device)
+    c = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], device=device)
+    idx, score = ops.assign(x, c, backend=name)
+    assert idx.tolist() == [1, 3, 1, 0] and score.tolist() == [1.0, 1.0, 1.0, 0.0]
+    # many equal centroids spread over several tiles
+    c = torch.zeros(700, 2, device=device)
+    c[[301, 450, 699]] = torch.tensor([1.0, 0.0], device=device)
+    idx, _ = ops.assign(x[:1], c, backend=name)
+    assert idx.tolist() == [301]
+
+
+def test_nearest_centroid_bias(backend):
+    name, device = backend
+    x = torch.randn(200, 7, dtype=torch.float64, device=device)
+    c = torch.randn(31, 7, dtype=torch.float64, device=device)
+    idx, _ = ops.assign(x, c, -0.5 * c.pow(2).sum(1), backend=name)
+    assert torch.equal(idx.cpu(), torch.cdist(x.cpu(), c.cpu()).argmin(1))
+
+
+def test_opcheck(backend):
+    name, device = backend
+    impl = ops.resolve(name, device)
+    x, c = torch.randn(33, 10, device=device), torch.randn(9, 10, device=device)
+    torch.library.opcheck(impl.torch_ops()["assign"], (x, c, None))
+    torch.library.opcheck(impl.torch_ops()["assign"], (x, c, torch.randn(9, device=device)))

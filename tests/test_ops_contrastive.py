@@ -1,0 +1,127 @@
+"""Every non-reference backend's contrastive loss against the float64 reference (SPEC 1.1, §3)."""
+
+import pytest
+import torch
+
+from protoclr import ops
+from tests.helpers import interpreting_triton, make_batch, make_batch_n, rel_err, tolerance
+
+MODES = ("none", "mask", "attract")
+
+
+def _loss_and_grad(b, backend, fn_mode, tau=0.3, dtype=None, device=None, scale=1.0):
+    z = b["z"].detach().to(device=device or b["z"].device, dtype=dtype or b["z"].dtype).requires_grad_()
+    inst, proto = b["inst"].to(z.device), b["proto"].to(z.device)
+    loss = ops.contrastive_loss(z, inst, proto, tau=tau, fn_mode=fn_mode, backend=backend)
+    (g,) = torch.autograd.grad(loss * scale, z)
+    return loss, g
+
+
+def _check(backend, device, b, fn_mode, dtype):
+    ref_loss, ref_g = _loss_and_grad(b, "reference", fn_mode, dtype=torch.float64, device="cpu", scale=1.7)
+    loss, g = _loss_and_grad(b, backend, fn_mode, dtype=dtype, device=device, scale=1.7)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert g.dtype == dtype and g.shape == b["z"].shape
+    e_loss, e_grad = rel_err(loss, ref_loss), rel_err(g, ref_g)
+    print(f"{backend} {dtype} {fn_mode} N={b['z'].size(0)}: loss err {e_loss:.2e}, grad err {e_grad:.2e}")
+    tol = tolerance(backend, str(device), dtype)
+    assert e_loss <= tol and e_grad <= tol
+    if dtype in (torch.float16, torch.bfloat16):  # no worse than the reference itself in that dtype (×2)
+        lp_loss, lp_g = _loss_and_grad(b, "reference", fn_mode, dtype=dtype, device="cpu", scale=1.7)
+        assert e_loss <= 2 * rel_err(lp_loss, ref_loss) + 1e-6
+        assert e_grad <= 2 * rel_err(lp_g, ref_g) + 1e-6
+
+
+@pytest.mark.parametrize("fn_mode", MODES)
+@pytest.mark.parametrize("n", [2, 3, 97])
+def test_parity_float64(backend, fn_mode, n):
+    name, device = backend
+    b = make_batch_n(n, dz=33, k=3, device="cpu")
+    _check(name, device, b, fn_mode, torch.float64)
+
+
+@pytest.mark.parametrize("fn_mode", MODES)
+@pytest.mark.parametrize("n", [97, 1025])
+def test_parity_float32(backend, fn_mode, n):
+    name, device = backend
+    if n > 512 and interpreting_triton(name, device) and fn_mode != "mask":
+        n = 300  # the interpreter is slow; 1025 runs once (mask) and on the GPU
+    b = make_batch_n(n, dz=128, k=7, device="cpu")
+    _check(name, device, b, fn_mode, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fn_mode", MODES)
+def test_parity_low_precision(backend, fn_mode, dtype):
+    name, device = backend
+    b = make_batch(80, 2, dz=64, k=5, device="cpu")
+    _check(name, device, b, fn_mode, dtype)
+
+
+@pytest.mark.parametrize("fn_mode", MODES)
+def test_views_3_and_one_prototype(backend, fn_mode):
+    name, device = backend
+    _check(name, device, make_batch(21, 3, dz=20, k=1, unknown=0.0), fn_mode, torch.float64)
+
+
+@pytest.mark.parametrize("fn_mode", MODES)
+def test_no_positives(backend, fn_mode):
+    """Every row its own image and no prototypes: no anchor, loss 0, zero finite gradient."""
+    name, device = backend
+    z = torch.nn.functional.normalize(torch.randn(9, 12, dtype=torch.float64), dim=1).to(device).requires_grad_()
+    inst = torch.arange(9, device=device)
+    proto = torch.full_like(inst, -1)
+    loss = ops.contrastive_loss(z, inst, proto, fn_mode=fn_mode, backend=name)
+    (g,) = torch.autograd.grad(loss, z)
+    assert loss.item() == 0.0 and torch.isfinite(g).all() and g.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("fn_mode", MODES)
+def test_no_negatives(backend, fn_mode):
+    """All rows are views of one image."""
+    name, device = backend
+    b = make_batch(1, 6, dz=10, k=2, unknown=0.0)
+    _check(name, device, b, fn_mode, torch.float64)
+
+
+def test_stats_match_reference(backend):
+    name, device = backend
+    b = make_batch(40, 2, dz=24, k=4, device="cpu")
+    args = dict(head_weight=b["weight"], head_bias=b["bias"], fn_mode="mask")
+    _, ref = ops.spcl_loss(b["z"], b["h"], b["inst"], b["proto"], backend="reference", **args)
+    dev = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+    args = dict(head_weight=dev["weight"], head_bias=dev["bias"], fn_mode="mask")
+    _, got = ops.spcl_loss(dev["z"], dev["h"], dev["inst"], dev["proto"], backend=name, **args)
+    for key in ("loss_con", "loss_sia", "fn_rate", "sim_pos", "sim_neg", "sim_fn"):
+        assert abs(got[key].item() - ref[key].item()) < 1e-6, key
+
+
+def test_opcheck(backend):
+    name, device = backend
+    impl = ops.resolve(name, device)
+    b = make_batch(6, 2, dz=20, k=2, dtype=torch.float32, device=device)
+    z = b["z"].detach()
+    for fn_mode in MODES:
+        args = (z, z, b["inst"], b["inst"], b["proto"], b["proto"], 0, 0.5, fn_mode)
+        torch.library.opcheck(impl.torch_ops()["contrastive_fwd"], args)
+        zg = z.clone().requires_grad_()
+        torch.library.opcheck(impl.torch_ops()["contrastive_fwd"], (zg, zg, *args[2:]))
+        lse, _ = impl.contrastive(*args)
+        grads = (torch.randn_like(lse), torch.randn(z.size(0), 5, device=device))
+        torch.library.opcheck(impl.torch_ops()["contrastive_bwd"], (*grads, z, z, *args[2:6], lse, 0, 0.5, fn_mode))
+
+
+def test_compile_fullgraph(backend):
+    name, device = backend
+    impl = ops.resolve(name, device)
+    b = make_batch(8, 2, dz=16, k=2, dtype=torch.float32, device=device)
+
+    def f(z):
+        return ops._contrastive_terms(impl, z, b["inst"], b["proto"], 0.5, "mask", None)[0]
+
+    z = b["z"].detach().requires_grad_()
+    eager = f(z)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(z)
+    assert rel_err(compiled, eager) < 1e-6
+    compiled.backward()
+    assert torch.isfinite(z.grad).all()
