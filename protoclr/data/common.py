@@ -1,0 +1,75 @@
+"""What the DALI and the torchvision loaders share: the output contract, per-batch seeds, epoch bookkeeping.
+
+Output contract of a training loader: each step yields `(views, index)`, `views` a list of V large then
+`n_small_crops` small float32 tensors (B, 3, H, W) on the training device, channels_last, normalised with the
+config's mean/std; `index` (B,) int64 dataset indices on the same device (the loss's `inst`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .folder import ImageDataset, SkipLog
+
+
+def batch_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """Seed of one batch's augmentations: a function of (seed, epoch, rank, batch position) only, so a batch looks
+    the same however many workers or restarts produced it."""
+    return int(np.random.SeedSequence([seed, epoch, rank, position, 0xA06]).generate_state(1)[0])
+
+
+def norm_stats(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) float32 mean and std on the 0..255 pixel scale."""
+    m = torch.tensor([255.0 * v for v in mean], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.tensor([255.0 * v for v in std], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return m, s
+
+
+def normalise_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → float32 normalised on `device`, channels_last. The copy to the device moves uint8
+    (4× fewer bytes than float) and the arithmetic runs there."""
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    return x.to(torch.float32).sub_(mean).div_(std)
+
+
+class LoaderBase:
+    """Epoch bookkeeping shared by the training loaders: length, skip counting, sampler position."""
+
+    def __init__(self, dataset: ImageDataset, sampler: Iterable[list[int]], device: torch.device, seed: int) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self._skips = SkipLog(type(self).__name__)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable images skipped in the current (or last finished) epoch."""
+        return self._skips.count
+
+    @property
+    def epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    @property
+    def rank(self) -> int:
+        return int(getattr(self.sampler, "rank", 0))
+
+    def _delivered(self, position: int) -> None:
+        # A loader prefetches, so the sampler's own count runs ahead of what the trainer has received.
+        if hasattr(self.sampler, "position"):
+            self.sampler.position = position
+
+
+def positioned(sampler: Iterable[list[int]]) -> Iterable[tuple[int, list[int]]]:
+    """(position in the epoch, batch) for each batch; a resumed PrototypePairSampler starts past 0."""
+    has_pos = hasattr(sampler, "position")
+    for k, batch in enumerate(sampler):
+        # PrototypePairSampler sets `position` to (batch number + 1) as it yields.
+        yield (int(sampler.position) - 1 if has_pos else k), list(batch)
