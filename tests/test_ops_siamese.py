@@ -21,14 +21,18 @@ def _check(backend, device, b, balance, dtype):
     ref_loss, ref_g = _loss_and_grads(b, "reference", balance, torch.float64, "cpu")
     loss, g = _loss_and_grads(b, backend, balance, dtype, device)
     assert g[0].dtype == dtype
-    errs = [rel_err(loss, ref_loss)] + [rel_err(a, r) for a, r in zip(g, ref_g)]
+    # The SPEC bound measures the kernel: ground truth is float64 math on the inputs rounded to `dtype`
+    # (sign(h_i - h_j) of quantised h differs from that of the float64 h; no kernel can undo that).
+    truth_loss, truth_g = _loss_and_grads(dict(b, h=b["h"].to(dtype)), "reference", balance, torch.float64, "cpu")
+    errs = [rel_err(loss, truth_loss)] + [rel_err(a, r) for a, r in zip(g, truth_g)]
     print(f"{backend} {dtype} balance={balance} N={b['h'].size(0)}: loss/dh/dw/db err " + " ".join(f"{e:.2e}" for e in errs))
     tol = tolerance(backend, str(device), dtype)
     assert max(errs) <= tol
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in (torch.float16, torch.bfloat16):  # and no worse than the reference run in that dtype (×2)
         lp_loss, lp_g = _loss_and_grads(b, "reference", balance, dtype, "cpu")
         lp = [rel_err(lp_loss, ref_loss)] + [rel_err(a, r) for a, r in zip(lp_g, ref_g)]
-        for e, e_ref in zip(errs, lp):
+        full = [rel_err(loss, ref_loss)] + [rel_err(a, r) for a, r in zip(g, ref_g)]
+        for e, e_ref in zip(full, lp):
             assert e <= 2 * e_ref + 1e-6
 
 

@@ -1,0 +1,348 @@
+"""CPU-backend specifics (csrc/cpu): thread-count independence, gradcheck, direct-op validation, the row/column
+split of the distributed form, degenerate rows and a memory bound. Parity per mode/size/dtype lives in
+test_ops_contrastive.py / test_ops_siamese.py (the `backend` fixture)."""
+
+import os
+
+import pytest
+import torch
+
+from protoclr import ops
+from protoclr.ops import backend_ext, backend_reference
+from tests.helpers import make_batch_n, rel_err
+
+MODES = ("none", "mask", "attract")
+
+pytestmark = pytest.mark.skipif(backend_ext.available(torch.device("cpu")) is not None, reason="protoclr._C not built")
+
+
+class _threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+def _con(b, fn_mode):
+    z = b["z"].detach().clone().requires_grad_()
+    loss = ops.contrastive_loss(z, b["inst"], b["proto"], tau=0.2, fn_mode=fn_mode, backend="cpu")
+    return [loss, *torch.autograd.grad(loss * 1.3, z)]
+
+
+def _sia(b, balance):
+    h, w, bias = (b[k].detach().clone().requires_grad_() for k in ("h", "weight", "bias"))
+    loss = ops.siamese_loss(h, b["inst"], b["proto"], w, bias, balance=balance, backend="cpu")
+    return [loss, *torch.autograd.grad(loss * 1.3, (h, w, bias))]
+
+
+@pytest.mark.parametrize("fn_mode", MODES)
+def test_thread_count_independence_contrastive(fn_mode):
+    b = make_batch_n(613, dz=72, k=6, dtype=torch.float32)
+    with _threads(1):
+        one = _con(b, fn_mode)
+    with _threads(2):
+        two = _con(b, fn_mode)
+    errs = [rel_err(a, r) for a, r in zip(two, one)]
+    print(f"contrastive {fn_mode}: 1 vs 2 threads, loss/grad rel diff {errs[0]:.1e} {errs[1]:.1e}")
+    assert max(errs) <= 1e-6
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_thread_count_independence_siamese(balance):
+    b = make_batch_n(301, dh=77, k=6, dtype=torch.float32)
+    with _threads(1):
+        one = _sia(b, balance)
+    with _threads(2):
+        two = _sia(b, balance)
+    errs = [rel_err(a, r) for a, r in zip(two, one)]
+    print("siamese: 1 vs 2 threads, loss/dh/dw/db rel diff " + " ".join(f"{e:.1e}" for e in errs))
+    assert max(errs) <= 1e-6
+
+
+@pytest.mark.parametrize("fn_mode", MODES)
+def test_gradcheck_contrastive(fn_mode):
+    b = make_batch_n(11, dz=5, k=2)
+    z = b["z"].detach().requires_grad_()
+
+    def f(z):
+        return ops.contrastive_loss(z, b["inst"], b["proto"], tau=0.4, fn_mode=fn_mode, backend="cpu")
+
+    assert torch.autograd.gradcheck(f, (z,))
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_gradcheck_siamese(balance):
+    b = make_batch_n(9, dh=6, k=2)
+    args = tuple(b[k].detach().requires_grad_() for k in ("h", "weight", "bias"))
+
+    def f(h, w, bias):
+        return ops.siamese_loss(h, b["inst"], b["proto"], w, bias, balance=balance, backend="cpu")
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+# --------------------------------------------------------------------------------- row/column split
+
+
+def _split(n=203, rows=(61, 140), dtype=torch.float64, **kw):
+    """A rank's view: rows r0..r1 of a global batch as anchors, every row as columns."""
+    b = make_batch_n(n, dtype=dtype, **kw)
+    r0, r1 = rows
+    return b, r0, r1
+
+
+def _grads(outs, inputs, seeds):
+    total = sum((o * s).sum() for o, s in zip(outs, seeds))
+    return torch.autograd.grad(total, inputs, allow_unused=True)
+
+
+@pytest.mark.parametrize("fn_mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_row_column_split_contrastive(fn_mode, dtype):
+    b, r0, r1 = _split(dz=40, k=4, dtype=dtype)
+    zc_full = b["z"].detach()
+    results = {}
+    for name, impl in (("reference", backend_reference), ("cpu", backend_ext)):
+        acc = torch.float64 if name == "reference" else dtype
+        z = zc_full[r0:r1].to(acc).clone().requires_grad_()  # this rank's rows (a separate tensor from zc)
+        zc = zc_full.to(acc).clone().requires_grad_()
+        args = (b["inst"][r0:r1], b["inst"], b["proto"][r0:r1], b["proto"])
+        lse, st = impl.contrastive(z, zc, *args, r0, 0.3, fn_mode)
+        g = torch.Generator().manual_seed(1)
+        seeds = (
+            torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype),
+            torch.randn(st.shape, generator=g, dtype=torch.float64).to(st.dtype),
+        )
+        results[name] = (lse, st, *_grads((lse, st), (z, zc), seeds))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    errs = [rel_err(a, r) for a, r in zip(results["cpu"], results["reference"])]
+    print(f"split {fn_mode} {dtype}: lse/stats/dz/dzc err " + " ".join(f"{e:.1e}" for e in errs))
+    assert max(errs) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_row_column_split_siamese(dtype):
+    b, r0, r1 = _split(dh=37, k=4, dtype=dtype)
+    results = {}
+    for name, impl in (("reference", backend_reference), ("cpu", backend_ext)):
+        acc = torch.float64 if name == "reference" else dtype
+        wdt = torch.float64 if acc == torch.float64 else torch.float32
+        h = b["h"].detach()[r0:r1].to(acc).clone().requires_grad_()
+        hc = b["h"].detach().to(acc).clone().requires_grad_()
+        w = b["weight"].detach().to(wdt).clone().requires_grad_()
+        bias = b["bias"].detach().to(wdt).clone().requires_grad_()
+        args = (b["inst"][r0:r1], b["inst"], b["proto"][r0:r1], b["proto"])
+        loss, count = impl.siamese(h, hc, *args, w, bias, r0)
+        seed = torch.randn(loss.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        results[name] = (loss, count, *_grads((loss,), (h, hc, w, bias), (seed.to(loss.dtype),)))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    errs = [rel_err(a, r) for a, r in zip(results["cpu"], results["reference"])]
+    print(f"split siamese {dtype}: loss/count/dh/dhc/dw/db err " + " ".join(f"{e:.1e}" for e in errs))
+    assert max(errs) <= tol
+
+
+def test_opcheck_split():
+    b, r0, r1 = _split(n=40, rows=(13, 29), dz=9, dh=9, k=3, dtype=torch.float32)
+    z, zc = b["z"][r0:r1].detach().contiguous(), b["z"].detach()
+    lab = (b["inst"][r0:r1], b["inst"], b["proto"][r0:r1], b["proto"])
+    fwd = torch.ops.protoclr.contrastive_fwd.default
+    torch.library.opcheck(fwd, (z.clone().requires_grad_(), zc.clone().requires_grad_(), *lab, r0, 0.5, "mask"))
+    h, hc = b["h"][r0:r1].detach().contiguous(), b["h"].detach()
+    w, bias = b["weight"].detach(), b["bias"].detach()
+    torch.library.opcheck(
+        torch.ops.protoclr.siamese_fwd.default,
+        (h.requires_grad_(), hc.requires_grad_(), *lab, w.requires_grad_(), bias.requires_grad_(), r0),
+    )
+
+
+# ------------------------------------------------------------------------------------ degenerate rows
+
+
+def test_empty_denominator_lse_is_neg_inf_and_backward_finite():
+    """mask mode, two images of one prototype: each anchor's only other-image column is a false negative. With
+    a single view per image Den(i) is empty: lse = -inf, and even a nonzero grad_lse gives no NaN."""
+    z = torch.nn.functional.normalize(torch.randn(2, 6, dtype=torch.float64), dim=1)
+    inst, proto = torch.tensor([0, 1]), torch.tensor([4, 4])
+    lse, st = backend_ext.contrastive(z, z, inst, inst, proto, proto, 0, 0.5, "mask")
+    assert torch.isneginf(lse).all()
+    assert st[:, 3].tolist() == [1.0, 1.0] and st[:, 1].tolist() == [0.0, 0.0]
+    gs = torch.randn(2, 5, dtype=torch.float64)
+    dz, dzc = torch.ops.protoclr.contrastive_bwd(
+        torch.ones(2, dtype=torch.float64), gs, z, z, inst, inst, proto, proto, lse, 0, 0.5, "mask"
+    )
+    assert torch.isfinite(dz).all() and torch.isfinite(dzc).all()
+    # only the F and A statistics carry gradient: G_01 = G_10 = gs_2 + gs_4
+    g = gs[:, 2] + gs[:, 4]
+    assert torch.allclose(dz, torch.stack([g[0] * z[1], g[1] * z[0]]))
+    # the loss has no anchor at all
+    loss = ops.contrastive_loss(z.clone().requires_grad_(), inst, proto, fn_mode="mask", backend="cpu")
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("fn_mode", MODES)
+def test_huge_logits_and_rows_without_positives(dtype, fn_mode):
+    """|c|/tau up to ~1e4 (unnormalised z, small tau) with singleton rows (grad_lse = 0): no inf/NaN leaks
+    through the softmax weight of rows that carry no softmax gradient."""
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(12, 6, generator=g, dtype=torch.float64) * 30).to(dtype)
+    inst = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5, 5, 6, 7, 8])
+    proto = torch.tensor([0, 0, 1, 1, 0, 1, -1, 2, 2, 0, -1, 1])
+    grads = {}
+    for be, dt in (("reference", torch.float64), ("cpu", dtype)):
+        zz = z.to(dt).requires_grad_()
+        loss = ops.contrastive_loss(zz, inst, proto, tau=0.05, fn_mode=fn_mode, backend=be)
+        grads[be] = (loss, *torch.autograd.grad(loss, zz))
+    assert all(torch.isfinite(t).all() for t in grads["cpu"])
+    # fp32: logits of ~1e4 carry ~1e-3 absolute rounding from c alone (ill-conditioned, not a kernel error)
+    tol = 1e-10 if dtype == torch.float64 else 1e-2
+    assert max(rel_err(a, r) for a, r in zip(grads["cpu"], grads["reference"])) <= tol
+
+
+def test_empty_column_set():
+    """Nc = 0 columns (a direct call): lse = -inf, zero statistics and gradients; no crash."""
+    z = torch.randn(3, 4)
+    e = torch.empty(0, 4)
+    inst, proto, none = torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+    lse, st = torch.ops.protoclr.contrastive_fwd(z, e, inst, none, proto, none, 0, 0.5, "none")
+    assert torch.isneginf(lse).all() and (st == 0).all()
+    dz, dzc = torch.ops.protoclr.contrastive_bwd(
+        torch.ones(3), torch.ones(3, 5), z, e, inst, none, proto, none, lse, 0, 0.5, "none"
+    )
+    assert (dz == 0).all() and dzc.shape == (0, 4)
+    loss, count = torch.ops.protoclr.siamese_fwd(z, e, inst, none, proto, none, torch.ones(4), torch.zeros(1), 0)
+    assert (loss == 0).all() and (count == 0).all()
+
+
+# ------------------------------------------------------------------------------- direct-op validation
+
+
+def _con_args(n=6, d=5, dtype=torch.float32):
+    z = torch.randn(n, d, dtype=dtype)
+    lab = torch.arange(n)
+    return [z, z, lab, lab, lab, lab, 0, 0.5, "none"]
+
+
+@pytest.mark.parametrize(
+    "pos,value,match",
+    [
+        (0, torch.randn(6), "z"),
+        (1, torch.randn(6, 4), "zc"),
+        (1, torch.randn(6, 5, dtype=torch.float64), "zc"),
+        (2, torch.arange(6, dtype=torch.int32), "inst"),
+        (3, torch.arange(5), "instc"),
+        (4, torch.arange(7), "proto"),
+        (5, torch.zeros(6), "protoc"),
+        (0, torch.randint(0, 3, (6, 5)), "z"),
+        (6, -1, "row_offset"),
+        (7, 0.0, "tau"),
+        (7, float("nan"), "tau"),
+        (8, "drop", "fn_mode"),
+    ],
+)
+def test_contrastive_fwd_bad_input(pos, value, match):
+    args = _con_args()
+    args[pos] = value
+    with pytest.raises(ValueError, match=match):
+        torch.ops.protoclr.contrastive_fwd(*args)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("grad_lse", torch.randn(5)),
+        ("grad_stats", torch.randn(6, 4)),
+        ("lse", torch.randn(6, 1)),
+        ("grad_stats", torch.randint(0, 2, (6, 5))),
+    ],
+)
+def test_contrastive_bwd_bad_input(name, value):
+    z, zc, inst, instc, proto, protoc, off, tau, mode = _con_args()
+    kw = dict(grad_lse=torch.randn(6), grad_stats=torch.randn(6, 5), lse=torch.randn(6))
+    kw[name] = value
+    with pytest.raises(ValueError, match=name):
+        torch.ops.protoclr.contrastive_bwd(
+            kw["grad_lse"], kw["grad_stats"], z, zc, inst, instc, proto, protoc, kw["lse"], off, tau, mode
+        )
+
+
+def _sia_args(n=6, d=5):
+    h = torch.randn(n, d)
+    lab = torch.arange(n)
+    return [h, h, lab, lab, lab, lab, torch.randn(d), torch.randn(1), 0]
+
+
+@pytest.mark.parametrize(
+    "pos,value,match",
+    [
+        (0, torch.randn(6, 5, 1), "h"),
+        (1, torch.randn(6, 3), "hc"),
+        (1, torch.randn(6, 5, dtype=torch.float16), "hc"),
+        (2, torch.arange(4), "inst"),
+        (3, torch.arange(6, dtype=torch.int32), "instc"),
+        (6, torch.randn(4), "weight"),
+        (6, torch.randn(1, 5), "weight"),
+        (6, torch.randn(5, dtype=torch.float16), "weight"),
+        (7, torch.randn(2), "bias"),
+        (8, -3, "row_offset"),
+    ],
+)
+def test_siamese_fwd_bad_input(pos, value, match):
+    args = _sia_args()
+    args[pos] = value
+    with pytest.raises(ValueError, match=match):
+        torch.ops.protoclr.siamese_fwd(*args)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.protoclr.siamese_bwd(torch.randn(6, 2), *args)
+
+
+def test_siamese_bwd_bad_grad():
+    with pytest.raises(ValueError, match="grad_loss"):
+        torch.ops.protoclr.siamese_bwd(torch.randn(6, 3), *_sia_args())
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _peak_rss_delta_mb(fn) -> float | None:
+    """Peak resident memory added while fn runs (Linux: reset VmHWM via /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+        raise KeyError(key)
+
+    base = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - base
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_memory_no_n_by_n_buffer():
+    """N = 4096 fp32 fwd+bwd: one N×N fp32 matrix would be 64 MiB; the fused op must stay far below it."""
+    b = make_batch_n(4096, dz=128, k=50, dtype=torch.float32)
+    z = b["z"].detach().requires_grad_()
+
+    def run():
+        loss = ops.contrastive_loss(z, b["inst"], b["proto"], fn_mode="mask", backend="cpu")
+        loss.backward()
+
+    run()  # warm up allocator and BLAS buffers
+    z.grad = None
+    delta = _peak_rss_delta_mb(run)
+    if delta is None:
+        pytest.skip("cannot reset the peak RSS counter")
+    print(f"contrastive N=4096 D=128 fp32 fwd+bwd: peak RSS growth {delta:.1f} MiB (one N×N fp32 = 64 MiB)")
+    assert delta < 24
