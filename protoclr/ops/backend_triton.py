@@ -40,3 +40,8 @@ def contrastive(z, zc, inst, instc, proto, protoc, row_offset, tau, fn_mode):
 
 def siamese(h, hc, inst, instc, proto, protoc, weight, bias, row_offset):
     return _kops.siamese_fwd(h, hc, inst, instc, proto, protoc, weight, bias, row_offset)
+
+
+def torch_ops() -> dict:
+    """The registered `protoclr_triton::*` ops by family name (for `torch.library.opcheck` in tests)."""
+    return _kops.torch_ops()
