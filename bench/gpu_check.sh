@@ -94,7 +94,8 @@ else
     echo "$PYTEST_SUMMARY" >"$OUT/pytest.log"
   else
     # SIGINT at the cap: pytest stops and still prints its summary.
-    timeout -s INT -k 20 "$PT" "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider --timeout=120 \
+    # Default Triton configs only in tests (each config is a compile; tuning belongs to the benchmark).
+    PROTOCLR_TRITON_AUTOTUNE=0 timeout -s INT -k 20 "$PT" "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider --timeout=120 \
       >"$OUT/pytest.log" 2>&1
     PYTEST_RC=$?
     PYTEST_SUMMARY="rc=$PYTEST_RC (cap ${PT}s): $(grep -E '(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' "$OUT/pytest.log" | tail -n 1)"
