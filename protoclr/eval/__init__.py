@@ -1,0 +1,114 @@
+"""Evaluation of frozen encoders: weighted kNN (the training monitor) and a linear probe (SPEC §2, §3.1).
+
+`python -m protoclr.eval knn|linear --ckpt PATH --data DIR` runs them from the command line (see __main__.py).
+This module holds what the trainer shares with that CLI: the train/held-out split of a data folder and feature
+extraction in dataset-index order (`protoclr.cluster.extract_features`, sharded over ranks under DDP).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import cluster, dist
+from ..data import ImageDataset, build_eval_loader, digits, scan_image_folder
+from .knn import knn_classify
+from .linear import linear_probe
+
+__all__ = ["load_splits", "extract", "knn_eval", "knn_classify", "linear_probe", "data_root"]
+
+log = logging.getLogger(__name__)
+
+
+def data_root(root: str) -> Path:
+    """`data.root`, or the bundled digits export when it is '' (rank 0 writes it, the others wait)."""
+    if root:
+        return Path(root).expanduser()
+    if dist.is_main_process():
+        path = digits.export_digits()
+    dist.barrier()
+    if not dist.is_main_process():
+        path = digits.export_digits()  # finds the finished export
+    return path
+
+
+def load_splits(data_cfg, seed: int = 0) -> tuple[ImageDataset, ImageDataset | None, str]:
+    """(train, held-out or None, description) for the config's data section.
+
+    - root holding train/: train on root/train; hold out data.val, else root/val, else root/test.
+    - otherwise: train on root; hold out data.val, else a random share data.holdout of root (removed from the
+      training set, fixed by the seed), else none.
+    The held-out set must have the training set's classes (labels are compared by class name).
+    """
+    root = data_root(data_cfg.root)
+    val_path = Path(data_cfg.val).expanduser() if data_cfg.val else None
+    if root.is_dir() and (root / "train").is_dir():
+        train = scan_image_folder(root / "train")
+        if val_path is None:
+            val_path = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    else:
+        train = scan_image_folder(root)
+    if val_path is not None:
+        val = scan_image_folder(val_path)
+        if val.classes != train.classes:
+            raise ValueError(
+                f"held-out folder {str(val_path)!r} has classes {val.classes[:5]}... but the training folder "
+                f"{str(train.root)!r} has {train.classes[:5]}...; they must match for kNN/linear evaluation"
+            )
+        return train, val, f"train {train.root} ({len(train)} images), held out {val.root} ({len(val)} images)"
+    if data_cfg.holdout > 0:
+        rng = np.random.default_rng([seed, 0x4E1D])
+        perm = rng.permutation(len(train))
+        n_val = max(1, int(round(data_cfg.holdout * len(train))))
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        val = ImageDataset(train.root, [train.samples[i] for i in val_idx], list(train.classes))
+        train = ImageDataset(train.root, [train.samples[i] for i in train_idx], list(train.classes))
+        return (
+            train,
+            val,
+            (f"{train.root}: {len(train)} training images, {len(val)} held out (data.holdout={data_cfg.holdout})"),
+        )
+    return train, None, f"train {train.root} ({len(train)} images), no held-out set (kNN monitor off)"
+
+
+def extract(encoder: nn.Module, ds: ImageDataset, cfg, device: torch.device, progress: bool = False) -> torch.Tensor:
+    """(len(ds), C) float32 features of every image with the eval transform, row = dataset index; under a process
+    group each rank encodes a strided shard and every rank gets the full matrix."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    indices = list(range(rank, len(ds), world)) if world > 1 else None
+    loader = build_eval_loader(
+        ds,
+        cfg.aug.image_size,
+        cfg.data.eval_batch_size,
+        device,
+        indices=indices,
+        num_workers=cfg.data.num_workers,
+        backend=cfg.data.backend,
+        aug=cfg.aug,
+    )
+    return cluster.extract_features(encoder, loader, len(ds), device, progress=progress)
+
+
+def _labels(ds: ImageDataset, device) -> torch.Tensor:
+    return torch.tensor(ds.targets, dtype=torch.int64, device=device)
+
+
+def knn_eval(
+    encoder: nn.Module, train: ImageDataset, val: ImageDataset, cfg, device: torch.device, progress: bool = False
+) -> dict[str, float]:
+    """Weighted kNN (cfg.eval.knn_k, knn_t) of `val` against `train` features; identical on every rank."""
+    bank = extract(encoder, train, cfg, device, progress)
+    queries = extract(encoder, val, cfg, device, progress)
+    return knn_classify(
+        bank,
+        _labels(train, device),
+        queries,
+        _labels(val, device),
+        k=cfg.eval.knn_k,
+        t=cfg.eval.knn_t,
+        num_classes=len(train.classes),
+    )
