@@ -98,7 +98,11 @@ def get_extensions():
         if os.path.isdir(nvidia_inc):
             include_dirs.append(nvidia_inc)
         extra["cxx"].append("-DPROTOCLR_WITH_CUDA")
-        extra["nvcc"] = [f for f in opt if f != "-g0"] + ["-DPROTOCLR_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]  # nvcc rejects -g0
+        extra["nvcc"] = [f for f in opt if f != "-g0"] + [
+            "-DPROTOCLR_WITH_CUDA",
+            "--expt-relaxed-constexpr",
+            "-lineinfo",
+        ]  # nvcc rejects -g0
         ext_cls = cpp_extension.CUDAExtension
     return [
         ext_cls(

@@ -225,8 +225,16 @@ def test_spcl_combines_terms_and_stats():
 def test_spcl_online_assignment_uses_prototypes():
     b = make_batch(5, 2, k=2)
     c = F.normalize(torch.randn(4, b["z"].size(1), dtype=torch.float64), dim=1)
-    loss, st = ops.spcl_loss(b["z"], b["h"], b["inst"], prototypes=c, head_weight=b["weight"], head_bias=b["bias"],
-                             fn_mode="attract", backend="reference")
+    loss, st = ops.spcl_loss(
+        b["z"],
+        b["h"],
+        b["inst"],
+        prototypes=c,
+        head_weight=b["weight"],
+        head_bias=b["bias"],
+        fn_mode="attract",
+        backend="reference",
+    )
     proto = (b["z"] @ c.T).argmax(1)
     assert torch.equal(st["proto"], proto)
     con = brute_contrastive(b["z"], b["inst"], proto, 0.5, "attract")
@@ -309,8 +317,15 @@ def test_assign_bad_input(x, c, bias, match):
 def test_spcl_bad_input():
     b = _batch()
     with pytest.raises(ValueError, match="proto or prototypes"):
-        ops.spcl_loss(b["z"], b["h"], b["inst"], b["proto"], prototypes=torch.randn(3, 16, dtype=torch.float64),
-                      head_weight=b["weight"], head_bias=b["bias"])
+        ops.spcl_loss(
+            b["z"],
+            b["h"],
+            b["inst"],
+            b["proto"],
+            prototypes=torch.randn(3, 16, dtype=torch.float64),
+            head_weight=b["weight"],
+            head_bias=b["bias"],
+        )
     with pytest.raises(ValueError, match="h"):
         ops.spcl_loss(b["z"], b["h"][:4], b["inst"], b["proto"], head_weight=b["weight"], head_bias=b["bias"])
 

@@ -25,7 +25,10 @@ def _check(backend, device, b, balance, dtype):
     # (sign(h_i - h_j) of quantised h differs from that of the float64 h; no kernel can undo that).
     truth_loss, truth_g = _loss_and_grads(dict(b, h=b["h"].to(dtype)), "reference", balance, torch.float64, "cpu")
     errs = [rel_err(loss, truth_loss)] + [rel_err(a, r) for a, r in zip(g, truth_g)]
-    print(f"{backend} {dtype} balance={balance} N={b['h'].size(0)}: loss/dh/dw/db err " + " ".join(f"{e:.2e}" for e in errs))
+    print(
+        f"{backend} {dtype} balance={balance} N={b['h'].size(0)}: loss/dh/dw/db err "
+        + " ".join(f"{e:.2e}" for e in errs)
+    )
     tol = tolerance(backend, str(device), dtype)
     assert max(errs) <= tol
     if dtype in (torch.float16, torch.bfloat16):  # and no worse than the reference run in that dtype (×2)

@@ -21,8 +21,9 @@ def register_contrastive(fwd: str, bwd) -> None:
 
     def backward(ctx, grad_lse, grad_stats):
         z, zc, inst, instc, proto, protoc, lse = ctx.saved_tensors
-        dz, dzc = bwd(grad_lse.contiguous(), grad_stats.contiguous(), z, zc, inst, instc, proto, protoc, lse,
-                      *ctx.scalars)
+        dz, dzc = bwd(
+            grad_lse.contiguous(), grad_stats.contiguous(), z, zc, inst, instc, proto, protoc, lse, *ctx.scalars
+        )
         return dz, dzc, None, None, None, None, None, None, None
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)

@@ -114,7 +114,9 @@ def check_pairs(fn: str, pairs, n: int, device: torch.device) -> None:
     if i_idx.numel() == 0:
         _fail(fn, "pairs must list at least one pair; pass pairs=None for all pairs")
     if _values_checked():
-        lo, hi = torch.stack([torch.minimum(i_idx.min(), j_idx.min()), torch.maximum(i_idx.max(), j_idx.max())]).tolist()
+        lo, hi = torch.stack(
+            [torch.minimum(i_idx.min(), j_idx.min()), torch.maximum(i_idx.max(), j_idx.max())]
+        ).tolist()
         if lo < 0 or hi >= n:
             _fail(fn, f"pairs must index rows in [0, {n}), got values in [{lo}, {hi}]")
 
