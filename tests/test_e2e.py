@@ -90,6 +90,41 @@ def test_cli_help_and_errors(tmp_path, capsys):
     assert e.value.code == 0 and "--ckpt" in capsys.readouterr().out
 
 
+@pytest.mark.dist
+def test_torchrun_two_cpu_ranks_resume_exact(tmp_path):
+    """`torchrun --nproc_per_node=2` on the CPU (gloo, DistBatchNorm, sharded sampler and clustering): 2 steps, stop,
+    --resume auto, 2 steps gives the same parameters as 4 steps straight; only rank 0 prints the JSON line."""
+    import torch
+
+    from protoclr import checkpoint
+
+    def torchrun(out, *extra):
+        return _run(
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train.py",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *TINY,
+            *extra,
+        )
+
+    straight = torchrun(tmp_path / "a", "--max-steps", "4")
+    assert _last_json(straight)["step"] == 4
+    assert sum(line.startswith("{") for line in straight.stdout.splitlines()) == 1
+    assert "2 process(es), device cpu" in straight.stdout
+    assert _last_json(torchrun(tmp_path / "b", "--max-steps", "2"))["step"] == 2
+    assert _last_json(torchrun(tmp_path / "b", "--max-steps", "4", "--resume", "auto"))["step"] == 4
+    a = checkpoint.load(tmp_path / "a" / "checkpoint.pth")
+    b = checkpoint.load(tmp_path / "b" / "checkpoint.pth")
+    assert a["world_size"] == 2 and len(a["rng"]) == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 @pytest.mark.slow
 def test_learning_digits_preset(tmp_path):
     """`make train` (the default digits preset) learns: its final kNN top-1 on the held-out digits beats the same
