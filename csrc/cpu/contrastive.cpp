@@ -295,41 +295,10 @@ void contrastive_bwd_kernel(const T* gl, const T* gs, const T* z, const T* zc, L
 
 // ------------------------------------------------------------------------------------------- host side
 
-int parse_fn_mode(const char* fn, c10::string_view fn_mode) {
-  const std::string s(fn_mode.data(), fn_mode.size());
-  const int mode = fn_mode_from_string(s.c_str());
-  PROTOCLR_CHECK(fn, mode >= 0, "fn_mode must be 'none', 'mask' or 'attract', got '", s, "'");
-  return mode;
-}
-
 void check_inputs(const char* fn, const at::Tensor& z, const at::Tensor& zc, const at::Tensor& inst,
                   const at::Tensor& instc, const at::Tensor& proto, const at::Tensor& protoc, int64_t row_offset,
                   double tau) {
-  PROTOCLR_CHECK_DIM(fn, z, 2);
-  PROTOCLR_CHECK_DIM(fn, zc, 2);
-  PROTOCLR_CHECK(fn, at::isFloatingType(z.scalar_type()), "z must be a floating-point tensor, got ",
-                 z.scalar_type());
-  PROTOCLR_CHECK_DTYPE(fn, zc, z.scalar_type());
-  PROTOCLR_CHECK(fn, z.size(1) >= 1, "z must have at least one feature column, got shape ", z.sizes());
-  PROTOCLR_CHECK_SIZE(fn, zc, 1, z.size(1));
-  for (const auto* t : {&inst, &proto}) {
-    const char* name = t == &inst ? "inst" : "proto";
-    PROTOCLR_CHECK(fn, t->dim() == 1 && t->size(0) == z.size(0), name, " must have shape (N,)=(", z.size(0),
-                   ",), got ", t->sizes());
-    PROTOCLR_CHECK(fn, t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
-  }
-  for (const auto* t : {&instc, &protoc}) {
-    const char* name = t == &instc ? "instc" : "protoc";
-    PROTOCLR_CHECK(fn, t->dim() == 1 && t->size(0) == zc.size(0), name, " must have shape (Nc,)=(", zc.size(0),
-                   ",), got ", t->sizes());
-    PROTOCLR_CHECK(fn, t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
-  }
-  PROTOCLR_CHECK_SAME_DEVICE(fn, z, zc);
-  PROTOCLR_CHECK_SAME_DEVICE(fn, z, inst);
-  PROTOCLR_CHECK_SAME_DEVICE(fn, z, instc);
-  PROTOCLR_CHECK_SAME_DEVICE(fn, z, proto);
-  PROTOCLR_CHECK_SAME_DEVICE(fn, z, protoc);
-  PROTOCLR_CHECK(fn, row_offset >= 0, "row_offset must be >= 0, got ", row_offset);
+  check_rows_cols(fn, "z", "zc", z, zc, inst, instc, proto, protoc, row_offset);
   PROTOCLR_CHECK(fn, tau > 0 && std::isfinite(tau), "tau must be a positive finite float, got ", tau);
 }
 
@@ -339,11 +308,6 @@ std::pair<at::Tensor, at::Tensor> as_acc(const at::Tensor& z, const at::Tensor& 
   at::Tensor za = z.to(acc).contiguous();
   at::Tensor zca = zc.is_same(z) ? za : zc.to(acc).contiguous();
   return {za, zca};
-}
-
-at::Tensor to_like(const at::Tensor& acc, const at::Tensor& like) {
-  if (acc.scalar_type() == like.scalar_type() && like.is_contiguous()) return acc;
-  return at::empty_like(like).copy_(acc);
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_fwd_cpu(const at::Tensor& z, const at::Tensor& zc,

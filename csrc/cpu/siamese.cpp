@@ -265,41 +265,8 @@ void siamese_bwd_kernel(const T* gloss, const T* h, const T* hc, Labels lab, con
 void check_inputs(const char* fn, const at::Tensor& h, const at::Tensor& hc, const at::Tensor& inst,
                   const at::Tensor& instc, const at::Tensor& proto, const at::Tensor& protoc,
                   const at::Tensor& weight, const at::Tensor& bias, int64_t row_offset) {
-  PROTOCLR_CHECK_DIM(fn, h, 2);
-  PROTOCLR_CHECK_DIM(fn, hc, 2);
-  PROTOCLR_CHECK(fn, at::isFloatingType(h.scalar_type()), "h must be a floating-point tensor, got ",
-                 h.scalar_type());
-  PROTOCLR_CHECK_DTYPE(fn, hc, h.scalar_type());
-  PROTOCLR_CHECK(fn, h.size(1) >= 1, "h must have at least one feature column, got shape ", h.sizes());
-  PROTOCLR_CHECK_SIZE(fn, hc, 1, h.size(1));
-  for (const auto* t : {&inst, &proto}) {
-    const char* name = t == &inst ? "inst" : "proto";
-    PROTOCLR_CHECK(fn, t->dim() == 1 && t->size(0) == h.size(0), name, " must have shape (N,)=(", h.size(0),
-                   ",), got ", t->sizes());
-    PROTOCLR_CHECK(fn, t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
-  }
-  for (const auto* t : {&instc, &protoc}) {
-    const char* name = t == &instc ? "instc" : "protoc";
-    PROTOCLR_CHECK(fn, t->dim() == 1 && t->size(0) == hc.size(0), name, " must have shape (Nc,)=(", hc.size(0),
-                   ",), got ", t->sizes());
-    PROTOCLR_CHECK(fn, t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
-  }
-  PROTOCLR_CHECK(fn, weight.dim() == 1 && weight.size(0) == h.size(1), "weight must have shape (Dh,)=(", h.size(1),
-                 ",), got ", weight.sizes());
-  PROTOCLR_CHECK(fn, bias.dim() == 1 && bias.size(0) == 1, "bias must have shape (1,), got ", bias.sizes());
-  for (const auto* t : {&weight, &bias}) {
-    const char* name = t == &weight ? "weight" : "bias";
-    PROTOCLR_CHECK(fn, t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, name,
-                   " must be float32 or float64, got ", t->scalar_type());
-  }
-  PROTOCLR_CHECK_SAME_DEVICE(fn, h, hc);
-  PROTOCLR_CHECK_SAME_DEVICE(fn, h, inst);
-  PROTOCLR_CHECK_SAME_DEVICE(fn, h, instc);
-  PROTOCLR_CHECK_SAME_DEVICE(fn, h, proto);
-  PROTOCLR_CHECK_SAME_DEVICE(fn, h, protoc);
-  PROTOCLR_CHECK_SAME_DEVICE(fn, h, weight);
-  PROTOCLR_CHECK_SAME_DEVICE(fn, h, bias);
-  PROTOCLR_CHECK(fn, row_offset >= 0, "row_offset must be >= 0, got ", row_offset);
+  check_rows_cols(fn, "h", "hc", h, hc, inst, instc, proto, protoc, row_offset);
+  check_head(fn, h, weight, bias);
 }
 
 struct Prepared {
@@ -323,11 +290,6 @@ Prepared prepare(const at::Tensor& h, const at::Tensor& hc, const at::Tensor& in
   p.weight = weight.to(acc).contiguous();
   p.bias = bias.to(acc).contiguous();
   return p;
-}
-
-at::Tensor to_like(const at::Tensor& acc, const at::Tensor& like) {
-  if (acc.scalar_type() == like.scalar_type() && like.is_contiguous()) return acc;
-  return at::empty_like(like).copy_(acc);
 }
 
 std::tuple<at::Tensor, at::Tensor> siamese_fwd_cpu(const at::Tensor& h, const at::Tensor& hc, const at::Tensor& inst,

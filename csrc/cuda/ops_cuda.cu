@@ -39,39 +39,13 @@ cuda::DType device_dtype(const char* fn, const at::Tensor& t, const char* name) 
   return cuda::DType::kFloat;  // unreachable
 }
 
-// The layout the fake implementations promise (empty_like): a contiguous result is returned as it is.
-at::Tensor to_like(const at::Tensor& out, const at::Tensor& like) {
-  if (out.scalar_type() == like.scalar_type() && like.is_contiguous() && out.sizes() == like.sizes()) return out;
-  return at::empty_like(like).copy_(out.view(like.sizes()));
-}
-
-void check_labels(const char* fn, const at::Tensor& x, const at::Tensor& lab, const char* name, const char* n_name) {
-  PROTOCLR_CHECK(fn, lab.dim() == 1 && lab.size(0) == x.size(0), name, " must have shape (", n_name, ",)=(",
-                 x.size(0), ",), got ", lab.sizes());
-  PROTOCLR_CHECK(fn, lab.scalar_type() == at::kLong, name, " must be int64, got ", lab.scalar_type());
-  PROTOCLR_CHECK(fn, lab.device() == x.device(), name, " must be on ", x.device(), " like the features, got ",
-                 lab.device());
-}
-
-// Checks shared by the contrastive and siamese ops: rows x (N, D), columns xc (Nc, D), their labels.
+// check_rows_cols (checks.h) plus what only the CUDA kernels need: a CUDA tensor of a supported dtype.
 void check_pair_inputs(const char* fn, const char* xn, const char* xcn, const at::Tensor& x, const at::Tensor& xc,
                        const at::Tensor& inst, const at::Tensor& instc, const at::Tensor& proto,
                        const at::Tensor& protoc, int64_t row_offset) {
-  PROTOCLR_CHECK(fn, x.dim() == 2, xn, " must be a 2-D tensor, got shape ", x.sizes());
-  PROTOCLR_CHECK(fn, xc.dim() == 2, xcn, " must be a 2-D tensor, got shape ", xc.sizes());
-  device_dtype(fn, x, xn);
-  PROTOCLR_CHECK(fn, xc.scalar_type() == x.scalar_type(), xcn, " must have dtype ", x.scalar_type(), ", got ",
-                 xc.scalar_type());
-  PROTOCLR_CHECK(fn, x.size(1) >= 1, xn, " must have at least one feature column, got shape ", x.sizes());
-  PROTOCLR_CHECK(fn, xc.size(1) == x.size(1), xcn, ".size(1) must be ", x.size(1), ", got ", xc.size(1));
+  check_rows_cols(fn, xn, xcn, x, xc, inst, instc, proto, protoc, row_offset);
   PROTOCLR_CHECK(fn, x.is_cuda(), xn, " must be a CUDA tensor, got ", x.device());
-  PROTOCLR_CHECK(fn, xc.device() == x.device(), xn, " and ", xcn, " must be on one device, got ", x.device(),
-                 " and ", xc.device());
-  check_labels(fn, x, inst, "inst", "N");
-  check_labels(fn, x, proto, "proto", "N");
-  check_labels(fn, xc, instc, "instc", "Nc");
-  check_labels(fn, xc, protoc, "protoc", "Nc");
-  PROTOCLR_CHECK(fn, row_offset >= 0, "row_offset must be >= 0, got ", row_offset);
+  device_dtype(fn, x, xn);
 }
 
 void check_stat(const char* fn, const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& x) {
@@ -79,13 +53,6 @@ void check_stat(const char* fn, const at::Tensor& t, const char* name, at::IntAr
   PROTOCLR_CHECK(fn, at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",
                  t.scalar_type());
   PROTOCLR_CHECK(fn, t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
-}
-
-int parse_fn_mode(const char* fn, c10::string_view fn_mode) {
-  const std::string s(fn_mode.data(), fn_mode.size());
-  const int mode = fn_mode_from_string(s.c_str());
-  PROTOCLR_CHECK(fn, mode >= 0, "fn_mode must be 'none', 'mask' or 'attract', got '", s, "'");
-  return mode;
 }
 
 // ------------------------------------------------------------------------------------------- assign
@@ -243,19 +210,6 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cuda(const at::Tensor& grad_l
   return {to_like(dz, z), to_like(dzc, zc)};
 }
 
-// ----------------------------------------------------------------------------------------- siamese
-
-void check_head(const char* fn, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias) {
-  PROTOCLR_CHECK(fn, weight.dim() == 1 && weight.size(0) == h.size(1), "weight must have shape (Dh,)=(", h.size(1),
-                 ",), got ", weight.sizes());
-  PROTOCLR_CHECK(fn, bias.dim() == 1 && bias.size(0) == 1, "bias must have shape (1,), got ", bias.sizes());
-  for (const auto* t : {&weight, &bias}) {
-    const char* name = t == &weight ? "weight" : "bias";
-    PROTOCLR_CHECK(fn, t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, name,
-                   " must be float32 or float64, got ", t->scalar_type());
-    PROTOCLR_CHECK(fn, t->device() == h.device(), name, " must be on ", h.device(), ", got ", t->device());
-  }
-}
 
 struct SiameseInputs {
   at::Tensor h, hc, inst, instc, proto, protoc, weight, bias;

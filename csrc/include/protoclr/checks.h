@@ -4,6 +4,11 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <string>
+
+#include "protoclr/math.h"
 
 #define PROTOCLR_CHECK(fn, cond, ...) TORCH_CHECK_VALUE(cond, fn, ": ", __VA_ARGS__)
 
@@ -27,6 +32,64 @@ namespace protoclr {
 // dtype of scores, log-sum-exps and statistics: float32, or float64 for float64 inputs.
 inline at::ScalarType stat_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A label vector: int64 of shape (n_name,)=(x.size(0),), on x's device.
+inline void check_labels(const char* fn, const at::Tensor& x, const at::Tensor& lab, const char* name,
+                         const char* n_name) {
+  PROTOCLR_CHECK(fn, lab.dim() == 1 && lab.size(0) == x.size(0), name, " must have shape (", n_name, ",)=(",
+                 x.size(0), ",), got ", lab.sizes());
+  PROTOCLR_CHECK(fn, lab.scalar_type() == at::kLong, name, " must be int64, got ", lab.scalar_type());
+  PROTOCLR_CHECK(fn, lab.device() == x.device(), name, " must be on ", x.device(), " like the features, got ",
+                 lab.device());
+}
+
+// The row/column inputs of the pairwise ops (csrc/ops.cpp): rows x (N, D) and columns xc (Nc, D) of one floating
+// dtype and device, their int64 labels, row_offset >= 0. xn/xcn name x and xc in messages ("z"/"zc", "h"/"hc").
+inline void check_rows_cols(const char* fn, const char* xn, const char* xcn, const at::Tensor& x,
+                            const at::Tensor& xc, const at::Tensor& inst, const at::Tensor& instc,
+                            const at::Tensor& proto, const at::Tensor& protoc, int64_t row_offset) {
+  PROTOCLR_CHECK(fn, x.dim() == 2, xn, " must be a 2-D tensor, got shape ", x.sizes());
+  PROTOCLR_CHECK(fn, xc.dim() == 2, xcn, " must be a 2-D tensor, got shape ", xc.sizes());
+  PROTOCLR_CHECK(fn, at::isFloatingType(x.scalar_type()), xn, " must be a floating-point tensor, got ",
+                 x.scalar_type());
+  PROTOCLR_CHECK(fn, xc.scalar_type() == x.scalar_type(), xcn, " must have dtype ", x.scalar_type(), ", got ",
+                 xc.scalar_type());
+  PROTOCLR_CHECK(fn, x.size(1) >= 1, xn, " must have at least one feature column, got shape ", x.sizes());
+  PROTOCLR_CHECK(fn, xc.size(1) == x.size(1), xcn, ".size(1) must be ", x.size(1), ", got ", xc.size(1));
+  PROTOCLR_CHECK(fn, xc.device() == x.device(), xn, " and ", xcn, " must be on one device, got ", x.device(),
+                 " and ", xc.device());
+  check_labels(fn, x, inst, "inst", "N");
+  check_labels(fn, x, proto, "proto", "N");
+  check_labels(fn, xc, instc, "instc", "Nc");
+  check_labels(fn, xc, protoc, "protoc", "Nc");
+  PROTOCLR_CHECK(fn, row_offset >= 0, "row_offset must be >= 0, got ", row_offset);
+}
+
+// The siamese head: weight (Dh,), bias (1,), float32 or float64, on h's device.
+inline void check_head(const char* fn, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias) {
+  PROTOCLR_CHECK(fn, weight.dim() == 1 && weight.size(0) == h.size(1), "weight must have shape (Dh,)=(", h.size(1),
+                 ",), got ", weight.sizes());
+  PROTOCLR_CHECK(fn, bias.dim() == 1 && bias.size(0) == 1, "bias must have shape (1,), got ", bias.sizes());
+  for (const auto* t : {&weight, &bias}) {
+    const char* name = t == &weight ? "weight" : "bias";
+    PROTOCLR_CHECK(fn, t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, name,
+                   " must be float32 or float64, got ", t->scalar_type());
+    PROTOCLR_CHECK(fn, t->device() == h.device(), name, " must be on ", h.device(), ", got ", t->device());
+  }
+}
+
+inline int parse_fn_mode(const char* fn, c10::string_view fn_mode) {
+  const std::string s(fn_mode.data(), fn_mode.size());
+  const int mode = fn_mode_from_string(s.c_str());
+  PROTOCLR_CHECK(fn, mode >= 0, "fn_mode must be 'none', 'mask' or 'attract', got '", s, "'");
+  return mode;
+}
+
+// `out` in the dtype and layout the fake implementations promise (empty_like(like)); no copy when it already is.
+inline at::Tensor to_like(const at::Tensor& out, const at::Tensor& like) {
+  if (out.scalar_type() == like.scalar_type() && like.is_contiguous() && out.sizes() == like.sizes()) return out;
+  return at::empty_like(like).copy_(out.view(like.sizes()));
 }
 
 }  // namespace protoclr
