@@ -16,6 +16,8 @@
 //    AVX2, baseline) and picked at load time; double (tests, gradcheck) uses the same templates.
 // Extra memory: threads × (tile + kBwdRows × D) plus an Nc × D accumulator when zc is not float32/float64.
 // Measured (2-core Zen 4, 1 thread, N = 4096, D = 128, fp32): fwd ~63 ms, bwd ~160 ms, ~80% of it in BLAS.
+#include "simd.h"  // first: its build settings apply to everything below
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -29,22 +31,7 @@
 #include <vector>
 
 #include "protoclr/checks.h"
-
-// The hot loops select with masks instead of branching; GCC only if-converts (vectorises) them when a masked-out
-// lane may not trap, so this file is built without trapping math, as torch itself is (-fno-trapping-math).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
-#include "protoclr/math.h"  // after the pragma: its helpers must inline into the vectorised loops
-
-// Runtime ISA dispatch for the float hot loops: setup.py builds for baseline x86-64 (SSE2), where these
-// label/exp loops do not vectorise; GCC >= 12 emits AVX-512 and AVX2 clones picked at load time (ifunc).
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
-#define PROTOCLR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PROTOCLR_CPU_CLONES
-#endif
-#define PROTOCLR_ALWAYS_INLINE __attribute__((always_inline))
+#include "protoclr/math.h"
 
 namespace protoclr {
 namespace {

@@ -13,6 +13,8 @@
 // The float row kernels are built per ISA (AVX-512, AVX2, baseline) and picked at load time.
 // Extra memory: threads × (kBwdRows + 1) × Dh, plus Nc × Dh accumulators when h is not float32/float64.
 // Measured (2-core Zen 4, 1 thread, N = 1024, Dh = 512, fp32): fwd ~24 ms, fwd+bwd ~84 ms.
+#include "simd.h"  // first: its build settings apply to everything below
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,21 +25,7 @@
 #include <vector>
 
 #include "protoclr/checks.h"
-
-// Masked selects must if-convert to vectorise; GCC only does that without trapping math (torch's own flags).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
-#include "protoclr/math.h"  // after the pragma: its helpers must inline into the vectorised loops
-
-// Runtime ISA dispatch for the float hot loops: setup.py builds for baseline x86-64 (SSE2); GCC >= 12 emits
-// AVX-512 and AVX2 clones of the row kernels, picked at load time (ifunc).
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
-#define PROTOCLR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PROTOCLR_CPU_CLONES
-#endif
-#define PROTOCLR_ALWAYS_INLINE __attribute__((always_inline))
+#include "protoclr/math.h"
 
 namespace protoclr {
 namespace {
