@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import __version__, checkpoint, cluster, dist, ops
 from .config import Config, flatten, from_dict, to_dict, to_yaml
-from .data import PrototypePairSampler, build_eval_loader, build_train_loader
-from .eval import knn_eval, load_splits
+from .data import PrototypePairSampler, build_train_loader
+from .eval import knn_eval, load_splits, sharded_eval_loader
 from .model import build_model, convert_sync_batchnorm
 from .monitor import MetricLogger, Monitor, format_eta, memory_gb, setup_logging
 from .optim import WarmupCosine, build_optimizer, scaled_lr
@@ -208,17 +208,7 @@ def _train(cfg: Config) -> dict:
     loader = build_train_loader(
         train_ds, sampler, cfg.aug, device, backend=cfg.data.backend, num_workers=cfg.data.num_workers, seed=cfg.seed
     )
-    shard = list(range(rank, len(train_ds), world)) if distributed else None
-    cluster_loader = build_eval_loader(
-        train_ds,
-        cfg.aug.image_size,
-        cfg.data.eval_batch_size,
-        device,
-        indices=shard,
-        num_workers=cfg.data.num_workers,
-        backend=cfg.data.backend,
-        aug=cfg.aug,
-    )
+    cluster_loader = sharded_eval_loader(train_ds, cfg, device)
     steps_per_epoch = len(sampler)
     total_steps = cfg.epochs * steps_per_epoch
     run_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps

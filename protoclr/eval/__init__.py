@@ -75,12 +75,12 @@ def load_splits(data_cfg, seed: int = 0) -> tuple[ImageDataset, ImageDataset | N
     return train, None, f"train {train.root} ({len(train)} images), no held-out set (kNN monitor off)"
 
 
-def extract(encoder: nn.Module, ds: ImageDataset, cfg, device: torch.device, progress: bool = False) -> torch.Tensor:
-    """(len(ds), C) float32 features of every image with the eval transform, row = dataset index; under a process
-    group each rank encodes a strided shard and every rank gets the full matrix."""
+def sharded_eval_loader(ds: ImageDataset, cfg, device: torch.device):
+    """Eval-transform loader over `ds` (resize, centre crop, normalise with the training statistics); under a
+    process group each rank reads a strided shard, which `cluster.extract_features` gathers back by index."""
     world, rank = dist.get_world_size(), dist.get_rank()
     indices = list(range(rank, len(ds), world)) if world > 1 else None
-    loader = build_eval_loader(
+    return build_eval_loader(
         ds,
         cfg.aug.image_size,
         cfg.data.eval_batch_size,
@@ -90,7 +90,12 @@ def extract(encoder: nn.Module, ds: ImageDataset, cfg, device: torch.device, pro
         backend=cfg.data.backend,
         aug=cfg.aug,
     )
-    return cluster.extract_features(encoder, loader, len(ds), device, progress=progress)
+
+
+def extract(encoder: nn.Module, ds: ImageDataset, cfg, device: torch.device, progress: bool = False) -> torch.Tensor:
+    """(len(ds), C) float32 features of every image with the eval transform, row = dataset index; under a process
+    group each rank encodes a strided shard and every rank gets the full matrix."""
+    return cluster.extract_features(encoder, sharded_eval_loader(ds, cfg, device), len(ds), device, progress=progress)
 
 
 def _labels(ds: ImageDataset, device) -> torch.Tensor:
