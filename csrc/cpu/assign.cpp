@@ -70,17 +70,10 @@ void assign_kernel(const acc_t* x, const acc_t* c, const acc_t* bias, int64_t M,
 std::tuple<at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Tensor& prototypes,
                                               const std::optional<at::Tensor>& bias) {
   constexpr const char* fn = "assign";
-  PROTOCLR_CHECK_DIM(fn, x, 2);
-  PROTOCLR_CHECK_DIM(fn, prototypes, 2);
-  PROTOCLR_CHECK_SIZE(fn, prototypes, 1, x.size(1));
-  PROTOCLR_CHECK_DTYPE(fn, prototypes, x.scalar_type());
-  PROTOCLR_CHECK(fn, prototypes.size(0) >= 1, "prototypes must hold at least one row");
-  PROTOCLR_CHECK(fn, at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ", x.scalar_type());
+  check_assign_inputs(fn, x, prototypes, bias);
   const auto acc_type = stat_dtype(x.scalar_type());
   at::Tensor b;
   if (bias.has_value()) {
-    PROTOCLR_CHECK_DIM(fn, *bias, 1);
-    PROTOCLR_CHECK_SIZE(fn, *bias, 0, prototypes.size(0));
     b = bias->to(acc_type).contiguous();
   }
   const auto xc = x.to(acc_type).contiguous(), cc = prototypes.to(acc_type).contiguous();

@@ -286,7 +286,7 @@ void check_inputs(const char* fn, const at::Tensor& z, const at::Tensor& zc, con
                   const at::Tensor& instc, const at::Tensor& proto, const at::Tensor& protoc, int64_t row_offset,
                   double tau) {
   check_rows_cols(fn, "z", "zc", z, zc, inst, instc, proto, protoc, row_offset);
-  PROTOCLR_CHECK(fn, tau > 0 && std::isfinite(tau), "tau must be a positive finite float, got ", tau);
+  check_tau(fn, tau);
 }
 
 // The acc_t copies of z and zc (no copy when already contiguous acc_t; one conversion when zc is z).
@@ -332,17 +332,9 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cpu(const at::Tensor& grad_ls
   check_inputs(fn, z, zc, inst, instc, proto, protoc, row_offset, tau);
   const int mode = parse_fn_mode(fn, fn_mode);
   const int64_t N = z.size(0), Nc = zc.size(0), D = z.size(1);
-  PROTOCLR_CHECK(fn, grad_lse.dim() == 1 && grad_lse.size(0) == N, "grad_lse must have shape (N,)=(", N,
-                 ",), got ", grad_lse.sizes());
-  PROTOCLR_CHECK(fn, lse.dim() == 1 && lse.size(0) == N, "lse must have shape (N,)=(", N, ",), got ", lse.sizes());
-  PROTOCLR_CHECK(fn, grad_stats.dim() == 2 && grad_stats.size(0) == N && grad_stats.size(1) == 5,
-                 "grad_stats must have shape (N, 5)=(", N, ", 5), got ", grad_stats.sizes());
-  for (const auto* t : {&grad_lse, &grad_stats, &lse}) {
-    const char* name = t == &grad_lse ? "grad_lse" : (t == &lse ? "lse" : "grad_stats");
-    PROTOCLR_CHECK(fn, at::isFloatingType(t->scalar_type()), name, " must be a floating-point tensor, got ",
-                   t->scalar_type());
-    PROTOCLR_CHECK(fn, t->device() == z.device(), name, " must be on ", z.device(), ", got ", t->device());
-  }
+  check_stat(fn, grad_lse, "grad_lse", {N}, z);
+  check_stat(fn, grad_stats, "grad_stats", {N, 5}, z);
+  check_stat(fn, lse, "lse", {N}, z);
   const auto acc = stat_dtype(z.scalar_type());
   auto [za, zca] = as_acc(z, zc);
   const auto gl = grad_lse.to(acc).contiguous(), gs = grad_stats.to(acc).contiguous();

@@ -306,11 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siamese_bwd_cpu(
   constexpr const char* fn = "siamese_bwd";
   check_inputs(fn, h, hc, inst, instc, proto, protoc, weight, bias, row_offset);
   const int64_t N = h.size(0), Nc = hc.size(0), D = h.size(1);
-  PROTOCLR_CHECK(fn, grad_loss.dim() == 2 && grad_loss.size(0) == N && grad_loss.size(1) == 2,
-                 "grad_loss must have shape (N, 2)=(", N, ", 2), got ", grad_loss.sizes());
-  PROTOCLR_CHECK(fn, at::isFloatingType(grad_loss.scalar_type()), "grad_loss must be a floating-point tensor, got ",
-                 grad_loss.scalar_type());
-  PROTOCLR_CHECK_SAME_DEVICE(fn, h, grad_loss);
+  check_stat(fn, grad_loss, "grad_loss", {N, 2}, h);
   const auto acc = stat_dtype(h.scalar_type());
   const auto p = prepare(h, hc, inst, instc, proto, protoc, weight, bias);
   const auto gl = grad_loss.to(acc).contiguous();

@@ -48,31 +48,16 @@ void check_pair_inputs(const char* fn, const char* xn, const char* xcn, const at
   device_dtype(fn, x, xn);
 }
 
-void check_stat(const char* fn, const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& x) {
-  PROTOCLR_CHECK(fn, t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-  PROTOCLR_CHECK(fn, at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",
-                 t.scalar_type());
-  PROTOCLR_CHECK(fn, t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
-}
-
 // ------------------------------------------------------------------------------------------- assign
 
 std::tuple<at::Tensor, at::Tensor> assign_cuda(const at::Tensor& x, const at::Tensor& prototypes,
                                                const std::optional<at::Tensor>& bias) {
   constexpr const char* fn = "assign";
-  PROTOCLR_CHECK_DIM(fn, x, 2);
-  PROTOCLR_CHECK_DIM(fn, prototypes, 2);
-  PROTOCLR_CHECK_SIZE(fn, prototypes, 1, x.size(1));
-  PROTOCLR_CHECK_DTYPE(fn, prototypes, x.scalar_type());
-  PROTOCLR_CHECK(fn, prototypes.size(0) >= 1, "prototypes must hold at least one row");
-  PROTOCLR_CHECK_SAME_DEVICE(fn, x, prototypes);
+  check_assign_inputs(fn, x, prototypes, bias);
   const cuda::DType dtype = device_dtype(fn, x, "x");
   const auto acc = stat_dtype(x.scalar_type());
   at::Tensor b;
   if (bias.has_value()) {
-    PROTOCLR_CHECK_DIM(fn, *bias, 1);
-    PROTOCLR_CHECK_SIZE(fn, *bias, 0, prototypes.size(0));
-    PROTOCLR_CHECK_SAME_DEVICE(fn, x, *bias);
     b = bias->to(acc).contiguous();
   }
   const c10::cuda::CUDAGuard guard(x.device());
@@ -147,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_fwd_cuda(const at::Tensor& z, con
                                                         int64_t row_offset, double tau, c10::string_view fn_mode) {
   constexpr const char* fn = "contrastive_fwd";
   check_pair_inputs(fn, "z", "zc", z, zc, inst, instc, proto, protoc, row_offset);
-  PROTOCLR_CHECK(fn, tau > 0 && std::isfinite(tau), "tau must be a positive finite float, got ", tau);
+  check_tau(fn, tau);
   const int mode = parse_fn_mode(fn, fn_mode);
   const c10::cuda::CUDAGuard guard(z.device());
   const auto acc = stat_dtype(z.scalar_type());
@@ -176,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cuda(const at::Tensor& grad_l
                                                         c10::string_view fn_mode) {
   constexpr const char* fn = "contrastive_bwd";
   check_pair_inputs(fn, "z", "zc", z, zc, inst, instc, proto, protoc, row_offset);
-  PROTOCLR_CHECK(fn, tau > 0 && std::isfinite(tau), "tau must be a positive finite float, got ", tau);
+  check_tau(fn, tau);
   const int mode = parse_fn_mode(fn, fn_mode);
   const int64_t N = z.size(0), Nc = zc.size(0), D = z.size(1);
   check_stat(fn, grad_lse, "grad_lse", {N}, z);

@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <cmath>
+#include <optional>
 #include <string>
 
 #include "protoclr/math.h"
@@ -76,6 +78,37 @@ inline void check_head(const char* fn, const at::Tensor& h, const at::Tensor& we
     PROTOCLR_CHECK(fn, t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, name,
                    " must be float32 or float64, got ", t->scalar_type());
     PROTOCLR_CHECK(fn, t->device() == h.device(), name, " must be on ", h.device(), ", got ", t->device());
+  }
+}
+
+inline void check_tau(const char* fn, double tau) {
+  PROTOCLR_CHECK(fn, tau > 0 && std::isfinite(tau), "tau must be a positive finite float, got ", tau);
+}
+
+// A per-row statistic or its gradient: floating, of `shape`, on x's device.
+inline void check_stat(const char* fn, const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                       const at::Tensor& x) {
+  PROTOCLR_CHECK(fn, t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  PROTOCLR_CHECK(fn, at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",
+                 t.scalar_type());
+  PROTOCLR_CHECK(fn, t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
+}
+
+// assign (SPEC 1.4): x (M, D) floating, prototypes (K >= 1, D) of x's dtype, optional bias (K,), one device.
+inline void check_assign_inputs(const char* fn, const at::Tensor& x, const at::Tensor& prototypes,
+                                const std::optional<at::Tensor>& bias_opt) {
+  PROTOCLR_CHECK_DIM(fn, x, 2);
+  PROTOCLR_CHECK_DIM(fn, prototypes, 2);
+  PROTOCLR_CHECK(fn, at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ", x.scalar_type());
+  PROTOCLR_CHECK_SIZE(fn, prototypes, 1, x.size(1));
+  PROTOCLR_CHECK_DTYPE(fn, prototypes, x.scalar_type());
+  PROTOCLR_CHECK(fn, prototypes.size(0) >= 1, "prototypes must hold at least one row");
+  PROTOCLR_CHECK_SAME_DEVICE(fn, x, prototypes);
+  if (bias_opt.has_value()) {
+    const at::Tensor& bias = *bias_opt;  // named so messages say "bias"
+    PROTOCLR_CHECK_DIM(fn, bias, 1);
+    PROTOCLR_CHECK_SIZE(fn, bias, 0, prototypes.size(0));
+    PROTOCLR_CHECK_SAME_DEVICE(fn, x, bias);
   }
 }
 
