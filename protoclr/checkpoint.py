@@ -2,7 +2,8 @@
 
 A checkpoint is one `torch.save`d dict of plain types and tensors (loadable with `weights_only=True`):
 model (the unwrapped module: no DDP `module.` / torch.compile `_orig_mod.` prefixes), optimizer, scheduler,
-scaler, prototypes, sampler, rng (per rank), epoch, step, step_in_epoch, config (nested dict) and config_yaml.
+scaler, prototypes, sampler, rng and loader (per rank; the loader's is the DALI pipeline's random state when saved
+mid-epoch), epoch, step, step_in_epoch, config (nested dict) and config_yaml.
 `checkpoint.pth` in the output folder is always the latest; `checkpoint{epoch:04}.pth` copies are kept on request.
 """
 

@@ -268,12 +268,17 @@ def _train(cfg: Config) -> dict:
         protos.load_state_dict(state["prototypes"])
         sampler.load_state_dict(state["sampler"])
         start_epoch, global_step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        rngs = state["rng"]
+        rngs, loaders = state["rng"], state.get("loader", [])
         if len(rngs) == world:
             checkpoint.set_rng_state(rngs[rank], device)
+            if len(loaders) == world:
+                loader.load_state_dict(loaders[rank])
         else:
             log.warning(
-                "resume: checkpoint has RNG states of %d rank(s), this run has %d; RNGs not restored", len(rngs), world
+                "resume: checkpoint has RNG states of %d rank(s), this run has %d; RNGs and augmentation states not "
+                "restored",
+                len(rngs),
+                world,
             )
         changed = {
             k: (v, flatten(cfg)[k])
@@ -307,7 +312,7 @@ def _train(cfg: Config) -> dict:
 
     def save_checkpoint(epoch: int, pos: int) -> Path:
         """Checkpoint meaning "epoch `epoch`, `pos` steps of it done"; every rank joins (RNG states)."""
-        rngs = dist.all_gather_object(checkpoint.rng_state(device))
+        rngs, loaders = zip(*dist.all_gather_object((checkpoint.rng_state(device), loader.state_dict())))
         path = out / checkpoint.LATEST
         if main:
             state = {
@@ -317,7 +322,8 @@ def _train(cfg: Config) -> dict:
                 "scaler": scaler.state_dict(),
                 "prototypes": protos.state_dict(),
                 "sampler": sampler.state_dict(),
-                "rng": rngs,
+                "rng": list(rngs),
+                "loader": list(loaders),
                 "epoch": epoch,
                 "step": global_step,
                 "step_in_epoch": pos,

@@ -91,9 +91,11 @@ def test_cli_help_and_errors(tmp_path, capsys):
 
 
 @pytest.mark.dist
-def test_torchrun_two_cpu_ranks_resume_exact(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_torchrun_two_cpu_ranks_resume_exact(tmp_path, backend):
     """`torchrun --nproc_per_node=2` on the CPU (gloo, DistBatchNorm, sharded sampler and clustering): 2 steps, stop,
-    --resume auto, 2 steps gives the same parameters as 4 steps straight; only rank 0 prints the JSON line."""
+    --resume auto, 2 steps gives the same parameters as 4 steps straight; only rank 0 prints the JSON line. With DALI,
+    each rank's pipeline state travels in the checkpoint."""
     import torch
 
     from protoclr import checkpoint
@@ -110,6 +112,7 @@ def test_torchrun_two_cpu_ranks_resume_exact(tmp_path):
             "--device",
             "cpu",
             *TINY,
+            f"data.backend={backend}",
             *extra,
         )
 
@@ -121,7 +124,9 @@ def test_torchrun_two_cpu_ranks_resume_exact(tmp_path):
     assert _last_json(torchrun(tmp_path / "b", "--max-steps", "4", "--resume", "auto"))["step"] == 4
     a = checkpoint.load(tmp_path / "a" / "checkpoint.pth")
     b = checkpoint.load(tmp_path / "b" / "checkpoint.pth")
-    assert a["world_size"] == 2 and len(a["rng"]) == 2
+    assert a["world_size"] == 2 and len(a["rng"]) == 2 and len(a["loader"]) == 2
+    if backend == "dali":
+        assert [s["position"] for s in b["loader"]] == [4, 4] and b["loader"][0]["dali"] != b["loader"][1]["dali"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 

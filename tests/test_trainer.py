@@ -275,14 +275,7 @@ def _final_state(out: Path) -> dict:
     return checkpoint.load(out / "checkpoint.pth")
 
 
-_DALI_MID_EPOCH = pytest.mark.xfail(
-    reason="DaliTrainLoader seeds an epoch's pipeline from its first batch position, so batches after a mid-epoch "
-    "resume get other (equally distributed) augmentations than the straight run; reported to the data owner",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=_DALI_MID_EPOCH)])
+@pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_resume_mid_epoch_is_exact(tmp_path, small_digits, backend):
     from protoclr.trainer import train
 

@@ -61,6 +61,14 @@ class LoaderBase:
     def rank(self) -> int:
         return int(getattr(self.sampler, "rank", 0))
 
+    def state_dict(self) -> dict:
+        """Loader state to checkpoint beyond the sampler's position (per rank); {} when a batch depends on
+        (seed, epoch, rank, position) alone."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` before the next `__iter__`."""
+
     def _delivered(self, position: int) -> None:
         # A loader prefetches, so the sampler's own count runs ahead of what the trainer has received.
         if hasattr(self.sampler, "position"):

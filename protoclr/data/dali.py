@@ -13,7 +13,10 @@ Design choices:
   epoch reports them. Nothing is decoded twice in the normal case.
 - Determinism: DALI's random operators are seeded at build time, so a pipeline is built per epoch (and after a
   recovery) with a seed derived from (seed, epoch, rank, batch position): an epoch's augmentations do not depend
-  on earlier epochs, and a resumed run sees the same ones.
+  on earlier epochs. Mid-epoch, the random state has moved on from that seed, so the training loader's
+  `state_dict()` carries a DALI checkpoint (`enable_checkpointing`: the state of every random operator after the
+  last batch delivered) and a resumed run rebuilds its first pipeline from it: the same augmentations as a run
+  that never stopped.
 - Views are produced as HWC and returned as `permute(0, 3, 1, 2)` views of them: exactly channels_last NCHW with no
   copy. Colour jitter follows torchvision's factor ranges (contrast pivots on the image's mean grey level as in
   torchvision, brightness scales, saturation and hue in `fn.hsv`; DALI applies them in a fixed order where
@@ -130,23 +133,40 @@ def _decode(enc, gpu: bool):
     return fn.decoders.image(enc, device="cpu", output_type=types.RGB)
 
 
-def _build(graph, batch_size: int, num_threads: int, device_id: int | None, seed: int, **kwargs):
+def _build(
+    graph,
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+    seed: int,
+    checkpointing: bool = False,
+    checkpoint: str | None = None,
+    **kwargs,
+):
+    """Build a pipeline of `graph(**kwargs)`. With `checkpointing`, `pipe.checkpoint()` captures the state of its
+    random operators after the last batch taken; `checkpoint` restores such a state (instead of the seed's)."""
+    import warnings
+
     from nvidia.dali import pipeline_def
 
-    @pipeline_def(enable_conditionals=True)
+    @pipeline_def(enable_conditionals=True, enable_checkpointing=checkpointing)
     def pipe():
         return graph(**kwargs)
 
     # exec_dynamic (DALI 2's default, named to be explicit): needed for the GPU→CPU step of the jitter's contrast.
-    p = pipe(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device_id,
-        seed=seed % (2**31),
-        prefetch_queue_depth=2,
-        exec_dynamic=True,
-    )
-    p.build()
+    with warnings.catch_warnings():
+        # "DALI doesn't capture state of such 'source'": by design, the feeder follows the sampler's position.
+        warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+        p = pipe(
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=device_id,
+            seed=seed % (2**31),
+            prefetch_queue_depth=2,
+            exec_dynamic=True,
+            checkpoint=checkpoint,
+        )
+        p.build()
     return p
 
 
@@ -376,6 +396,8 @@ class DaliTrainLoader(LoaderBase):
         device: a CUDA device selects nvJPEG (`mixed`) decoding and GPU augmentation; a CPU device, DALI's CPU mode.
         num_workers: DALI threads (and file-reading threads).
         seed: augmentation seed; an epoch's pipeline is seeded from (seed, epoch, rank, first batch position).
+
+    `state_dict()` / `load_state_dict()` carry the pipeline's random state across a mid-epoch stop (one per rank).
     """
 
     backend = "dali"
@@ -402,26 +424,57 @@ class DaliTrainLoader(LoaderBase):
         if self.batch_size is None and isinstance(sampler, (list, tuple)) and sampler:
             self.batch_size = max(len(b) for b in sampler)
         self._bad: dict[str, str] = {}
+        self._live: tuple | None = None  # (pipeline, epoch, batches delivered) while an epoch is being iterated
+        self._resume: dict | None = None  # a state_dict() to restore at the next __iter__
+
+    def state_dict(self) -> dict:
+        """{"epoch", "position" (batches delivered), "dali" (the pipeline's checkpoint)} while an epoch is being
+        iterated, else {} (a new epoch starts from its seed)."""
+        if self._live is None:
+            return {}
+        pipe, epoch, position = self._live
+        return {"epoch": epoch, "position": position, "dali": pipe.checkpoint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s random state when the next epoch iterated starts where it was taken."""
+        self._resume = dict(state) if state else None
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         self._skips.reset()
         epoch, rank = self.epoch, self.rank
+        resume, self._resume = self._resume, None
         feeder = _Feeder(self.dataset, positioned(self.sampler), self.num_threads, self._bad)
         batch_size = self.batch_size
         try:
             while True:
-                # (Re)build: seeded from the first batch this pipeline will produce.
+                # (Re)build: seeded from the first batch this pipeline will produce, or restored from a checkpoint.
                 nxt = feeder.front[0] if feeder.front else (feeder.futures[0].result() if feeder.futures else None)
                 if nxt is None:
                     return
                 if batch_size is None:
                     batch_size = len(nxt.indices)
+                restore = None
+                if resume is not None:
+                    if (resume["epoch"], resume["position"]) == (epoch, nxt.position):
+                        restore = resume["dali"]
+                    else:
+                        log.warning(
+                            "DaliTrainLoader: the saved DALI state is for epoch %d after batch %d, but this epoch %d "
+                            "starts at batch %d: augmentations are reseeded, not restored",
+                            resume["epoch"],
+                            resume["position"],
+                            epoch,
+                            nxt.position,
+                        )
+                    resume = None
                 pipe = _build(
                     _train_graph,
                     batch_size,
                     self.num_threads,
                     self.device_id,
                     batch_seed(self.seed, epoch, rank, nxt.position),
+                    checkpointing=True,
+                    checkpoint=restore,
                     source=feeder,
                     aug=self.aug,
                     gpu=self.gpu,
@@ -438,6 +491,7 @@ class DaliTrainLoader(LoaderBase):
                         views = [_to_torch(o, self.device) for o in outs]
                         index = torch.tensor(b.index, dtype=torch.int64).to(self.device, non_blocking=True)
                         self._delivered(b.position + 1)
+                        self._live = (pipe, epoch, b.position + 1)
                         yield views, index
                 except RuntimeError as e:
                     failed = feeder.requeue_inflight()
@@ -445,6 +499,7 @@ class DaliTrainLoader(LoaderBase):
                         raise
                     log.debug("DaliTrainLoader: rebuilt the pipeline after a decode failure: %s", e)
                 finally:
+                    self._live = None
                     del pipe
         finally:
             feeder.close()
