@@ -60,6 +60,32 @@ def test_cli_train_resume_auto_and_eval(tmp_path):
     assert knn["top1"] == pytest.approx(second["top1"], abs=1e-3)
 
 
+def test_cli_bf16_compiled_backbone(tmp_path):
+    """The GPU recipe's code paths on the CPU: bf16 autocast and a torch.compile'd backbone train, the loss stays
+    finite and the checkpoint holds clean parameter names (no `_orig_mod.`)."""
+    from protoclr import checkpoint
+
+    out = tmp_path / "bf16"
+    proc = _run(
+        "train.py",
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--device",
+        "cpu",
+        *TINY,
+        "precision=bf16",
+        "model.compile=true",
+    )
+    assert _last_json(proc)["step"] == 2
+    assert "bf16 precision" in proc.stdout
+    assert all(row.split(",")[2] not in ("nan", "inf") for row in (out / "metrics.csv").read_text().splitlines()[1:])
+    state = checkpoint.load(out / "checkpoint.pth")
+    assert state["config"]["model"]["compile"] is True
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in state["model"])
+
+
 def _train_cli():
     spec = importlib.util.spec_from_file_location("protoclr_train_cli", REPO / "train.py")
     mod = importlib.util.module_from_spec(spec)
