@@ -229,8 +229,10 @@ def test_row_offset_split_vs_reference(dtype, d):
     tol = 1e-9 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 1e-2)
     for fn_mode in MODES:
         lse, st = torch.ops.protoclr.contrastive_fwd(rows, x, inst[a:e], inst, proto[a:e], proto, a, tau, fn_mode)
-        zr = rows.double().requires_grad_()
-        zc = x.double().requires_grad_()
+        # detached leaves: for float64, .double() returns the tensor itself, and requires_grad_ on x would make
+        # the row view depend on the columns (the reference's column gradient then includes the rows')
+        zr = rows.detach().double().requires_grad_()
+        zc = x.detach().double().requires_grad_()
         lse_r, st_r = ref.contrastive(zr, zc, inst[a:e], inst, proto[a:e], proto, a, tau, fn_mode)
         assert rel_err(lse, lse_r) <= tol and rel_err(st, st_r) <= tol, fn_mode
         gl = torch.rand(e - a, device=_DEV, dtype=acc)
@@ -247,9 +249,9 @@ def test_row_offset_split_vs_reference(dtype, d):
     wdt = torch.float64 if dtype == torch.float64 else torch.float32
     w, bias = b["weight"].to(wdt), b["bias"].to(wdt)
     loss, cnt = torch.ops.protoclr.siamese_fwd(h[a:e], h, inst[a:e], inst, proto[a:e], proto, w, bias, a)
-    hr = h[a:e].double().requires_grad_()
-    hc = h.double().requires_grad_()
-    wr, br = w.double().requires_grad_(), bias.double().requires_grad_()
+    hr = h[a:e].detach().double().requires_grad_()
+    hc = h.detach().double().requires_grad_()
+    wr, br = w.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
     loss_r, cnt_r = ref.siamese(hr, hc, inst[a:e], inst, proto[a:e], proto, wr, br, a)
     assert torch.equal(cnt.double(), cnt_r) and rel_err(loss, loss_r) <= tol
     gl = torch.randn(e - a, 2, device=_DEV, dtype=wdt)
@@ -338,3 +340,148 @@ def test_assign_large(dtype):
     chosen = full.gather(1, idx[:, None]).squeeze(1)
     tol = 1e-3 * d**0.5
     assert ((best - chosen).abs() <= tol).all() and ((score.double() - best).abs() <= tol).all()
+
+
+# ------------------------------------------------------------------- edge cases found by reading the kernels
+
+
+def _contrastive_vs_ref(z, inst, proto, tau, fn_mode, gl, gs):
+    """(lse, stats, dz, dzc) of the CUDA op with zc = z, and the same from the float64 reference on z's values."""
+    lse, st = torch.ops.protoclr.contrastive_fwd(z, z, inst, inst, proto, proto, 0, tau, fn_mode)
+    dz, dzc = torch.ops.protoclr.contrastive_bwd(gl, gs, z, z, inst, inst, proto, proto, lse, 0, tau, fn_mode)
+    zr = z.detach().double().requires_grad_()
+    zc = z.detach().double().requires_grad_()
+    lse_r, st_r = ref.contrastive(zr, zc, inst, inst, proto, proto, 0, tau, fn_mode)
+    obj = (gl.double() * torch.where(torch.isfinite(lse_r), lse_r, 0)).sum() + (gs.double() * st_r).sum()
+    dz_r, dzc_r = torch.autograd.grad(obj, (zr, zc))
+    return (lse, st, dz, dzc), (lse_r, st_r, dz_r, dzc_r)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [32, 128])
+def test_contrastive_bwd_padding_columns_stay_finite(dtype, d):
+    """N = 70 (a partial column tile of 6 valid + 58 padding columns) where every member of Den(i) has
+    c_ij / tau = -100: the softmax weight exp(0 - lse_i) a zero padding column would get overflows (fp32/bf16)
+    or exceeds fp16 after the 2^14 scaling; padding columns must carry G = 0, not inf · 0 = NaN."""
+    n, tau = 70, 0.01
+    g = torch.Generator(device="cpu").manual_seed(3)
+    side = torch.arange(n) % 2  # two clusters at +e0 and -e0 (plus a little noise): c = +1 within, -1 across
+    z = torch.zeros(n, d, dtype=torch.float64)
+    z[:, 0] = 1 - 2 * side.double()
+    z[:, 1:] = 1e-3 * torch.randn(n, d - 1, generator=g, dtype=torch.float64)
+    z = torch.nn.functional.normalize(z, dim=1).to(_DEV, dtype)
+    inst = torch.arange(n, device=_DEV) + 10  # no positives
+    proto = side.to(_DEV)  # mask: Den(i) = the other cluster only
+    gl = torch.rand(n, generator=g, dtype=torch.float64).to(_DEV, torch.float32) + 0.5
+    gs = (torch.randn(n, 5, generator=g, dtype=torch.float64) * 0.1).to(_DEV, torch.float32)
+    gs[:, 1] = gs[:, 3] = 0
+    got, want = _contrastive_vs_ref(z, inst, proto, tau, "mask", gl, gs)
+    errs = [rel_err(a, b) for a, b in zip(got, want)]
+    print(f"padding {dtype} d={d}: lse/stats/dz/dzc err " + " ".join(f"{e:.2e}" for e in errs))
+    assert all(torch.isfinite(t).all() for t in got[2:]), "NaN/inf in the backward"
+    tol = 1e-3 if dtype == torch.float32 else 1e-2
+    assert max(errs) <= tol
+
+
+def _misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of x whose data pointer is one element past a 16-byte boundary (storage offset 1)."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    y = buf[1:].view(x.shape)
+    y.copy_(x)
+    assert y.is_contiguous() and y.data_ptr() % 16 != 0
+    return y
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_unaligned_storage_offset_matches_aligned(dtype):
+    """Features with a storage offset (contiguous, but not 16-byte aligned, D a multiple of 8) take the scalar
+    staging path instead of 16-byte vector loads / cp.async; results equal the aligned inputs' bit for bit and
+    the float64 reference. N = 97 leaves partial row and column tiles."""
+    n, d, dh, tau = 97, 64, 136, 0.3
+    b = make_batch_n(n, dz=d, dh=dh, k=4, device=_DEV, dtype=torch.float64)
+    z, h, inst, proto = b["z"].to(dtype), b["h"].to(dtype), b["inst"], b["proto"]
+    wdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w, bias = b["weight"].to(wdt), b["bias"].to(wdt)
+    acc = wdt
+    gl = torch.rand(n, device=_DEV, dtype=acc)
+    gs = torch.randn(n, 5, device=_DEV, dtype=acc)
+    gsia = torch.randn(n, 2, device=_DEV, dtype=acc)
+    zm, hm = _misaligned(z), _misaligned(h)
+    ops_ = torch.ops.protoclr
+    for fn_mode in ("none", "mask"):
+        outs = []
+        for zz in (z, zm):
+            lse, st = ops_.contrastive_fwd(zz, zz, inst, inst, proto, proto, 0, tau, fn_mode)
+            dz, dzc = ops_.contrastive_bwd(gl, gs, zz, zz, inst, inst, proto, proto, lse, 0, tau, fn_mode)
+            outs.append((lse, st, dz, dzc))
+        for a_, m_, name in zip(*outs, ("lse", "stats", "dz", "dzc")):
+            assert torch.equal(a_, m_), f"contrastive {fn_mode} {name}: misaligned input differs from aligned"
+        got, want = _contrastive_vs_ref(zm, inst, proto, tau, fn_mode, gl, gs)
+        tol = 1e-9 if dtype == torch.float64 else (1e-3 if dtype == torch.float32 else 1e-2)
+        errs = [rel_err(a_, b_) for a_, b_ in zip(got, want)]
+        assert max(errs) <= tol, (fn_mode, errs)
+    outs = []
+    for hh in (h, hm):
+        loss, cnt = ops_.siamese_fwd(hh, hh, inst, inst, proto, proto, w, bias, 0)
+        outs.append((loss, cnt) + tuple(ops_.siamese_bwd(gsia, hh, hh, inst, inst, proto, proto, w, bias, 0)))
+    for a_, m_, name in zip(*outs, ("loss", "count", "dh", "dhc", "dweight", "dbias")):
+        assert torch.equal(a_, m_), f"siamese {name}: misaligned input differs from aligned"
+    hr = hm.detach().double().requires_grad_()  # two leaves (for float64, .double() alone returns hm itself)
+    hc = hm.detach().double().requires_grad_()
+    wr, br = w.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    loss_r, cnt_r = ref.siamese(hr, hc, inst, inst, proto, proto, wr, br, 0)
+    refs = torch.autograd.grad((gsia.double() * loss_r).sum(), (hr, hc, wr, br))
+    tol = 1e-9 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 1e-2)
+    loss, cnt, *grads = outs[1]
+    assert torch.equal(cnt.double(), cnt_r) and rel_err(loss, loss_r) <= tol
+    for got, want, name in zip(grads, refs, ("dh", "dhc", "dw", "db")):
+        assert rel_err(got, want) <= tol, (name, rel_err(got, want))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_and_empty_sizes(dtype):
+    """Op-level N = 1 (A(i) empty: lse = -inf, zero stats, zero finite gradients), Nc = 0 columns, and
+    N = 2 / 129 (one past a 128-row tile) against the reference."""
+    ops_ = torch.ops.protoclr
+    acc = torch.float32
+    for n in (1, 2, 129):
+        b = make_batch_n(n, dz=24, dh=40, k=3, device=_DEV, dtype=torch.float64)
+        z, h, inst, proto = b["z"].to(dtype), b["h"].to(dtype), b["inst"], b["proto"]
+        gl = torch.rand(n, device=_DEV, dtype=acc)
+        gs = torch.randn(n, 5, device=_DEV, dtype=acc)
+        for fn_mode in ("none", "mask"):
+            got, want = _contrastive_vs_ref(z, inst, proto, 0.5, fn_mode, gl, gs)
+            assert torch.equal(torch.isfinite(got[0]), torch.isfinite(want[0])), (n, fn_mode)
+            lse_f = torch.where(torch.isfinite(got[0]), got[0], 0)
+            lse_rf = torch.where(torch.isfinite(want[0]), want[0], 0)
+            errs = [rel_err(lse_f, lse_rf)] + [rel_err(a_, b_) for a_, b_ in zip(got[1:], want[1:])]
+            assert max(errs) <= 1e-2, (n, fn_mode, errs)
+        w, bias = b["weight"].float(), b["bias"].float()
+        gsia = torch.randn(n, 2, device=_DEV)
+        loss, cnt = ops_.siamese_fwd(h, h, inst, inst, proto, proto, w, bias, 0)
+        dh, dhc, dw, db = ops_.siamese_bwd(gsia, h, h, inst, inst, proto, proto, w, bias, 0)
+        hr = h.double().requires_grad_()
+        wr, br = w.double().requires_grad_(), bias.double().requires_grad_()
+        loss_r, cnt_r = ref.siamese(hr, hr, inst, inst, proto, proto, wr, br, 0)
+        assert torch.equal(cnt.double(), cnt_r) and rel_err(loss, loss_r) <= 1e-2
+        if n > 1:
+            gh_r, gw_r, gb_r = torch.autograd.grad((gsia.double() * loss_r).sum(), (hr, wr, br))
+            assert rel_err(dh.double() + dhc.double(), gh_r) <= 1e-2 and rel_err(dw, gw_r) <= 1e-2
+            assert rel_err(db, gb_r) <= 1e-2
+        else:
+            assert not dh.any() and not dhc.any() and not dw.any() and not db.any()
+    # no columns at all
+    z = torch.randn(3, 16, device=_DEV, dtype=dtype)
+    zc = z[:0]
+    lab = torch.arange(3, device=_DEV)
+    none = lab[:0]
+    lse, st = ops_.contrastive_fwd(z, zc, lab, none, lab, none, 0, 0.5, "none")
+    assert torch.isneginf(lse).all() and not st.any()
+    dz, dzc = ops_.contrastive_bwd(lse.new_ones(3), st.new_ones(3, 5), z, zc, lab, none, lab, none, lse, 0, 0.5, "none")
+    assert dz.shape == z.shape and not dz.any() and dzc.shape == (0, 16)

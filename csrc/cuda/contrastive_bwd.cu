@@ -151,7 +151,11 @@ __global__ void __launch_bounds__(kBwdThreads, 1) contrastive_bwd_mma_kernel(con
     gemm_xyt<T, DB, 1, NF>(acc, s_own + warp * 16 * G::kRowBytes, sy, lane);
 
     // G_ij in place of c_ij. The streamed index of local column `col` is s0 + col; A(i) excludes gj == gi.
+    // Padding columns (col >= nvalid) get G = 0: their zero-filled Y rows would otherwise multiply a softmax
+    // weight exp2(0 - lse2) that overflows to inf when every member of Den(i) has c_ij / tau < -88 (fp32,
+    // bf16) or gives an fp16 G above 65504 after the 2^14 scaling, and inf · 0 = NaN in the MMA.
     const int64_t s0 = t * kCols;
+    const int nvalid = static_cast<int>(min(static_cast<int64_t>(kCols), ny - s0));
     int diag[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -182,9 +186,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1) contrastive_bwd_mma_kernel(con
           const float lse2 = kCol ? lse2_s : lse2_o[h], gl = kCol ? gl_s : gl_o[h];
           const float gs0 = kCol ? gs0_s : gs0_o[h], gs2 = kCol ? gs2_s : gs2_o[h], gs4 = kCol ? gs4_s : gs4_o[h];
           const bool same = inst_s == inst_o[h];
-          const bool in_a = col != diag[h];  // padding rows are zero: their G multiplies nothing
+          const bool in_a = col < nvalid && col != diag[h];
           const bool in_p = in_a && same;
-          const bool in_f = fok_o[h] && !same && proto_s == proto_o[h];
+          const bool in_f = fok_o[h] && !same && proto_s == proto_o[h];  // padding: proto_s = -1, never
           const bool den = kMask ? (in_a && !in_f) : in_a;
           float gv = den ? gl * fast_exp2(c * scale_log2 - lse2) : 0.f;
           if (in_p) gv += gs0;  // predicated adds: fewer live temporaries than selects
@@ -379,7 +383,8 @@ __global__ void __launch_bounds__(1024) g_scale_kernel(const ContrastiveParams p
   __syncthreads();
   if (threadIdx.x < 32) {
     mx = group_max<32>(threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.f);
-    if (threadIdx.x == 0) *p.g_scale = (mx > 0.f && mx < INFINITY) ? 16384.f / mx : 1.f;
+    // capped at 2^126: 16384 / mx overflows for mx < ~2^-114, and 1 / 2^126 is still a normal float
+    if (threadIdx.x == 0) *p.g_scale = (mx > 0.f && mx < INFINITY) ? fminf(16384.f / mx, 0x1p126f) : 1.f;
   }
 }
 
