@@ -11,22 +11,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import SMEM_BUDGET, acc_dtype, autotune, block_d, dot_precision, launch, tl_acc, upcast
+from .utils import SMEM_BUDGET, acc_dtype, autotune, block_d, dot_precision, launch, prefer, tl_acc, upcast
 
 # Hopper (sm_90): 128×128 score tiles keep wgmma busy; D=256 (PCA features) runs as two 128 chunks.
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bk, w, s in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3), (128, 128, 4, 4), (64, 64, 4, 4)]
 ]
+# Defaults by element size where configs[0] spills (sm_90 audit, bench/sm90_resources.py, Triton 3.6 and 3.8):
+# fp32 (tf32x3 splits both operands in registers) spills 36-88 B at 128x128, fp64 16-32 B; these do not. The
+# fp32 one is k-means' E-step on float32 PCA features (cluster.py), 1.28M × 256 against K = 3000.
+_DEFAULTS = {
+    4: triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    8: triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+}
 _INTERP = {"BLOCK_M": 64, "BLOCK_K": 64}
 _SAFE_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Pipelined x and prototype tiles must fit shared memory (fp32/fp64 tiles are 2-4x bf16's)."""
+    """The element size's default first; pipelined x and prototype tiles must fit shared memory (fp32/fp64
+    tiles are 2-4x bf16's)."""
     esize, bd = named_args["x_ptr"].element_size(), kwargs["BLOCK_D"]
     keep = [
-        c for c in configs
+        c for c in prefer(configs, _DEFAULTS.get(esize))
         if esize * bd * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_K"]) * max(c.num_stages, 1) <= SMEM_BUDGET
     ]  # fmt: skip
     return keep or [_SAFE_CONFIG]

@@ -27,8 +27,9 @@ Design (flash-attention style; no N×Nc buffer anywhere):
   FLOPs but issue N²·D/BLOCK_M fp32 atomic adds (4.3e9 at N = 65,536, D = 128), more than the L2 atomic
   units hide under the tensor-core work; two passes are deterministic and each is an attention-forward-
   shaped loop that Triton pipelines well.
-- D up to 512 bytes per row (256 bf16 features) is one tile (the stationary tile is loaded once); wider
-  rows loop over BLOCK_D chunks for c and spread the backward's output chunks over grid axis 1.
+- D up to 512 bytes per row (256 bf16 features; 256 bytes = 64 features for fp32 with tf32x3, whose operand
+  splits double the registers, see `_D_SINGLE_BYTES_TF32X3`) is one tile (the stationary tile is loaded once);
+  wider rows loop over BLOCK_D chunks for c and spread the backward's output chunks over grid axis 1.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from .utils import (
     dot_precision,
     label_codes,
     launch,
+    prefer,
     scalars,
     tl_acc,
     upcast,
@@ -57,49 +59,64 @@ from .utils import (
 
 FN_MODES = {"none": 0, "mask": 1, "attract": 2}
 _D_SINGLE_BYTES = 512  # widest feature row held as one tile: 256 bf16 features
+# fp32 with tf32x3: Triton splits each fp32 operand into two TF32 halves in registers, so a stationary
+# (BLOCK, 128) fp32 tile costs twice its size in registers: at D = 128 every backward config spilled (sm_90
+# audit, bench/sm90_resources.py: 0.8-3.5 KB per thread in all 6 configs of each pass, Triton 3.6 and 3.8).
+# 64-feature chunks (D_SINGLE = False beyond 64 features) leave configs below that compile without spills; the
+# backward then recomputes c once per 64-feature output chunk (2x at D = 128), far cheaper than local memory.
+_D_SINGLE_BYTES_TF32X3 = 256
 # fp32 inputs: "tf32x3" (three TF32 products, ~fp32 accuracy) on tensor cores; "tf32" is ~3x faster and
 # within SPEC's GPU bound of 1e-3; "ieee" is FMA (spills heavily at D = 128).
 FP32_DOT_PRECISION = os.environ.get("PROTOCLR_TRITON_FP32_DOT", "tf32x3")
 
-# Hopper (sm_90), bf16 D=128 (06-fused-attention shapes). configs[0] is the default (no tuning). Chosen with
-# Triton 3.6's sm_90 compile (ptxas -v, divisibility-16 specialisation): every default compiles without
-# register spills in all fn_modes; the H200 probe measured the forward default at 2.32 ms for N = 65,536.
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 64, 8, 4),
-        (128, 128, 8, 3),
-        (64, 64, 4, 3),
-        (128, 64, 8, 3),
-        (64, 64, 4, 2),
-        (64, 32, 4, 2),
-    ]
-]
-# Backward row pass: a (BLOCK_M, D) fp32 accumulator besides the c tile.
-_ROWS_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 64, 8, 2),
-        (128, 64, 8, 3),
-        (64, 64, 4, 3),
-        (128, 128, 8, 2),
-        (64, 64, 4, 2),
-        (64, 32, 4, 2),
-    ]
-]
+
+def _cfgs(rows) -> list:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+
+
+# Hopper (sm_90) candidates per operand kind (`_kind`); [0] is the default (no tuning). bf16/fp16 (D = 128,
+# 06-fused-attention shapes) also serve fp64 and the opt-in fp32 "tf32"/"ieee", within the shared-memory prune.
+# Checked with bench/sm90_resources.py (ptxas -v for sm_90, Triton 3.6 = the device image's, and 3.8): every
+# default compiles without register spills in every fn_mode and feature width (D_SINGLE, EVEN_D) for bf16,
+# fp16 and fp32, aligned or ragged (`_RAGGED_DEFAULTS`), except the fp32 row pass at D % 16 != 0 (16-48 B);
+# the H200 probe measured the bf16 forward default at 2.32 ms for N = 65,536.
+_FWD = {
+    "16bit": _cfgs(
+        [(128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)]
+    ),
+    # tf32x3 in 64-feature chunks: the spill-free ones of the audit (128x64 and 64x64 tiles spill on 3.8)
+    "tf32x3": _cfgs([(128, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 1)]),
+}
+# Backward row pass: a (BLOCK_M, BLOCK_D) fp32 accumulator besides the c tile.
+_ROWS = {
+    "16bit": _cfgs(
+        [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
+    ),
+    # tf32x3: pipelined (num_stages 2) 64x32 and 128x32 tiles spill 12-100 B; one stage or 16 columns do not
+    "tf32x3": _cfgs([(64, 32, 4, 1), (128, 32, 8, 1), (128, 16, 8, 2), (128, 16, 8, 1)]),
+}
 # Backward column pass: BLOCK_N stationary columns, BLOCK_M moving anchors; the anchors' statistics lie along
 # the tile's second axis, so each thread holds many of them: fewer moving anchors per tile.
-_COLS_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (64, 128, 8, 2),
-        (32, 128, 8, 2),
-        (64, 64, 8, 2),
-        (64, 128, 8, 3),
-        (64, 64, 4, 2),
-        (32, 64, 4, 2),
-    ]
-]
+_COLS = {
+    "16bit": _cfgs([(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 2)]),
+    "tf32x3": _cfgs([(64, 32, 8, 2), (64, 32, 8, 1)]),
+}
+# Defaults that differ by fn_mode: "mask" loads and compares labels per tile. The 16-bit column pass's 64x128
+# default spills 20-48 B under "mask" at D = 128 (audit, Triton 3.6 and 3.8); 32x128 does not.
+_MASK_DEFAULTS = {"cols": {"16bit": _COLS["16bit"][1]}}
+# Defaults for ragged problems (N, Nc, D, a row stride or row_offset not a multiple of 16: Triton cannot prove
+# alignment, so loads are scalar and masked, with one 64-bit address per element): the aligned defaults spill
+# 50-2000 B there (audit, N = 65,535 or D = 100), these do not, except fp32 rows with D % 16 != 0, which spill
+# 30-100 B in every config tried (Triton 3.6 and 3.8; 128x16 is the least).
+_RAGGED_DEFAULTS = {
+    "fwd": {"tf32x3": _FWD["tf32x3"][2]},
+    "rows": {"16bit": _ROWS["16bit"][5], "tf32x3": _ROWS["tf32x3"][3]},
+    "cols": {"16bit": _COLS["16bit"][5], "tf32x3": _COLS["tf32x3"][1]},
+}
+# the autotuners' lists: every family, the 16-bit one first (its [0] is what an unpruned launch would use)
+_FWD_CONFIGS, _ROWS_CONFIGS, _COLS_CONFIGS = (
+    f["16bit"] + [c for c in f["tf32x3"] if c not in f["16bit"]] for f in (_FWD, _ROWS, _COLS)
+)
 _INTERP = {"BLOCK_M": 64, "BLOCK_N": 128}
 
 
@@ -107,15 +124,36 @@ def _work(args) -> int:
     return args["N"] * args["Nc"] * args["D"]
 
 
-def _pruner(stationary: str, moving: str, grad_tile: bool):
-    """Drop configs whose pipelined tiles exceed shared memory (fp32/fp64 tiles are 2-4x bf16's; tf32x3 keeps
-    split copies of the operands, ~1.5x more) or whose registers cannot hold a wide-feature accumulator;
-    a small safe config remains when nothing fits. The model is an upper bound of Triton 3.6's sm_90
-    allocation (checked with ptxas for every dtype and the default configs)."""
+def _kind(esize: int, dot_precision: str | None) -> str:
+    """Config family of the operands: "tf32x3" for fp32 on the default fp32 path, else "16bit" (whose list
+    the shared-memory prune adapts to fp32 "tf32"/"ieee" and fp64)."""
+    return "tf32x3" if esize == 4 and dot_precision == "tf32x3" else "16bit"
+
+
+def _ragged(named_args) -> bool:
+    """Some size, row stride or offset is not a multiple of 16 (no divisibility specialisation)."""
+    names = ("N", "Nc", "D", "row_offset", "stride_zn", "stride_zcn")
+    return any(isinstance(named_args.get(k), int) and named_args[k] % 16 for k in names)
+
+
+def _pruner(stationary: str, moving: str, grad_tile: bool, families: dict, defaults: dict):
+    """The candidates of the operands' family (`_kind`), the default for ragged sizes or fn_mode "mask" first
+    (`defaults`: {"ragged"|"mask": {kind: config}}), minus configs whose pipelined tiles exceed shared memory
+    (fp32/fp64 tiles are 2-4x bf16's; tf32x3 keeps split copies of the operands, ~1.5x more) or whose registers
+    cannot hold a wide-feature accumulator; a small safe config remains when nothing fits. The model is an upper
+    bound of Triton 3.6's sm_90 allocation (bench/sm90_resources.py compiles every config and checks the real
+    figure)."""
 
     def prune(configs, named_args, **kwargs):
         esize = named_args["z_ptr"].element_size()
         bd = kwargs["BLOCK_D"]
+        kind = _kind(esize, kwargs.get("DOT_PRECISION"))
+        family = families[kind]
+        configs = [c for c in family if c in configs] or list(configs)  # in the family's order: [0] its default
+        if _ragged(named_args) and kind in defaults.get("ragged", {}):
+            configs = prefer(configs, defaults["ragged"][kind])
+        elif kwargs.get("FN_MODE") == 1:
+            configs = prefer(configs, defaults.get("mask", {}).get(kind))
         eff = esize * (1.5 if esize == 4 and kwargs.get("DOT_PRECISION") == "tf32x3" else 1.0)
         keep = []
         for c in configs:
@@ -133,9 +171,11 @@ def _pruner(stationary: str, moving: str, grad_tile: bool):
     return prune
 
 
-_prune_fwd = _pruner("BLOCK_M", "BLOCK_N", False)
-_prune_rows = _pruner("BLOCK_M", "BLOCK_N", True)
-_prune_cols = _pruner("BLOCK_N", "BLOCK_M", True)
+_prune_fwd = _pruner("BLOCK_M", "BLOCK_N", False, _FWD, {"ragged": _RAGGED_DEFAULTS["fwd"]})
+_prune_rows = _pruner("BLOCK_M", "BLOCK_N", True, _ROWS, {"ragged": _RAGGED_DEFAULTS["rows"]})
+_prune_cols = _pruner(
+    "BLOCK_N", "BLOCK_M", True, _COLS, {"ragged": _RAGGED_DEFAULTS["cols"], "mask": _MASK_DEFAULTS["cols"]}
+)
 _SAFE_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 
@@ -653,7 +693,9 @@ def _common(z: torch.Tensor, tau: float, fn_mode: str):
     if fn_mode not in FN_MODES:
         raise ValueError(f"contrastive: fn_mode must be one of {sorted(FN_MODES)}, got {fn_mode!r}")
     d = z.size(1)
-    row_bytes = _D_SINGLE_BYTES // z.element_size()  # 256 bf16/fp16, 128 fp32, 64 fp64 features
+    tf32x3 = z.dtype == torch.float32 and FP32_DOT_PRECISION == "tf32x3"
+    single_bytes = _D_SINGLE_BYTES_TF32X3 if tf32x3 else _D_SINGLE_BYTES
+    row_bytes = single_bytes // z.element_size()  # 256 bf16/fp16, 64 fp32 (tf32x3; else 128), 64 fp64 features
     bd = block_d(d, row_bytes)
     d_single = bd >= d
     if not d_single:

@@ -31,16 +31,21 @@ import triton.language as tl
 from .utils import acc_dtype, autotune, label_codes, launch, tl_acc
 
 # Hopper (sm_90): FMA-bound, no shared memory to speak of. Triton's default register layout gives each thread
-# a column of rows, so per k a thread loads ~BLOCK_M/warps_m values for as many FMAs: small tiles, one stage
-# (the per-k loads are L1 hits), unroll 8. configs[0] compiles without spills (Triton 3.6, ptxas sm_90).
+# a column of rows, so per k a thread loads ~BLOCK_M/warps_m values for as many FMAs, and ptxas hoists the
+# loads of all BLOCK_K unrolled steps: registers grow with elements per thread × BLOCK_K. The sm_90 audit
+# (bench/sm90_resources.py, Triton 3.6 and 3.8) found every former config spilling (64x64 K8 w4, the old default:
+# 36-60 B forward, 0.3-2.7 KB backward; 64x128 and 128x128 K4: 0.3-7 KB). These compile without spills in both
+# passes for fp32 and bf16 in both versions; configs[0] keeps the 64x64 tile with 8 warps (16 pairs per thread)
+# and no unroll. One stage: the per-k loads are L1 hits.
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
-        (64, 64, 8, 4, 1),
-        (128, 64, 4, 4, 1),
-        (64, 64, 4, 2, 1),
-        (64, 128, 4, 4, 1),
-        (128, 128, 4, 8, 1),
+        (64, 64, 1, 8, 1),
+        (64, 32, 4, 8, 1),
+        (32, 64, 2, 8, 1),
+        (64, 64, 2, 8, 1),
+        (64, 32, 2, 4, 1),
+        (32, 32, 4, 8, 1),
     ]
 ]
 _INTERP = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 8}

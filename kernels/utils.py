@@ -95,6 +95,13 @@ def label_codes(rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, t
     return codes[: rows.numel()], codes[rows.numel() :]
 
 
+def prefer(configs: list, default) -> list:
+    """`configs` with `default` first (added when absent): the config a launch uses without tuning."""
+    if default is None:
+        return list(configs)
+    return [default, *(c for c in configs if c != default)]
+
+
 def autotune(configs, key, interp_config: dict, work=None, prune=None, **kwargs):
     """`triton.autotune(configs, key)` on a GPU; configs[0] is the default. Under the interpreter the kernel
     is returned as is and launched with `interp_config` (one fixed config: large blocks keep it fast).
