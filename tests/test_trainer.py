@@ -302,15 +302,19 @@ def test_resume_mid_epoch_is_exact(tmp_path, small_digits, backend):
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
 
 
-def test_resume_across_epoch_boundary_is_exact(tmp_path, small_digits):
-    """Resume from an end-of-epoch checkpoint: the next epoch re-clusters exactly as the straight run did."""
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_resume_across_epoch_boundary_is_exact(tmp_path, small_digits, backend, caplog):
+    """Resume from an end-of-epoch checkpoint: the next epoch re-clusters exactly as the straight run did (and a
+    DALI loader, stopped at the end of an epoch, saves no mid-epoch state to restore)."""
     from protoclr.trainer import train
 
-    extra = ["batch_size=64", "cluster.k=4"]  # 3 steps per epoch on 200 images
+    extra = ["batch_size=64", "cluster.k=4", f"data.backend={backend}"]  # 3 steps per epoch on 200 images
     train(small_cfg(tmp_path / "a", small_digits, *extra, max_steps=5))
     train(small_cfg(tmp_path / "b", small_digits, *extra, max_steps=3))
     assert _final_state(tmp_path / "b")["epoch"] == 1 and _final_state(tmp_path / "b")["step_in_epoch"] == 0
+    assert _final_state(tmp_path / "b")["loader"] == [{}]
     train(small_cfg(tmp_path / "b", small_digits, *extra, max_steps=5, resume="auto"))
+    assert "reseeded" not in caplog.text
     a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
     assert a["step"] == b["step"] == 5
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -429,8 +429,8 @@ class DaliTrainLoader(LoaderBase):
 
     def state_dict(self) -> dict:
         """{"epoch", "position" (batches delivered), "dali" (the pipeline's checkpoint)} while an epoch is being
-        iterated, else {} (a new epoch starts from its seed)."""
-        if self._live is None:
+        iterated and not at its end, else {} (a new epoch starts from its seed)."""
+        if self._live is None or self._live[2] >= len(self):
             return {}
         pipe, epoch, position = self._live
         return {"epoch": epoch, "position": position, "dali": pipe.checkpoint()}
