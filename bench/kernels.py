@@ -374,6 +374,7 @@ def _run_sizes(spec, op, provider, dtype, dtype_name, device, out) -> None:
                     mem_method=method,
                     first_call_s=round(first_s, 3),
                     note=_note(provider, op, dynamic),
+                    triton_configs=_tuned_configs() if provider == "triton" and device.type == "cuda" else None,
                 )
                 done.add(mode)
                 last = (fl, t["median_ms"] * 1e-3)
@@ -385,6 +386,16 @@ def _run_sizes(spec, op, provider, dtype, dtype_name, device, out) -> None:
                 chunks.restore()
             inp = fns = None
             common.clear(device)
+
+
+def _tuned_configs() -> dict | str:
+    """The Triton autotuner's choices so far ({kernel: {key: config}}); never fails the measurement."""
+    try:
+        from protoclr.kernels.utils import tuned_configs
+
+        return tuned_configs()
+    except Exception as e:  # noqa: BLE001
+        return f"unavailable: {type(e).__name__}: {e}"
 
 
 def _note(provider: str, op: str, dynamic: bool) -> str | None:

@@ -102,6 +102,20 @@ def prefer(configs: list, default) -> list:
     return [default, *(c for c in configs if c != default)]
 
 
+_TUNED: dict[str, object] = {}  # kernel name -> its triton Autotuner (GPU only), for `tuned_configs`
+
+
+def tuned_configs() -> dict[str, dict[str, str]]:
+    """{kernel: {autotune key: chosen config}} of every launch tuned so far in this process: what the benchmark
+    records next to its timings, so that measured winners can become the defaults (configs[0])."""
+    out = {}
+    for name, tuner in _TUNED.items():
+        cache = getattr(tuner, "cache", None) or {}
+        if cache:
+            out[name] = {str(k): str(c) for k, c in cache.items()}
+    return out
+
+
 def autotune(configs, key, interp_config: dict, work=None, prune=None, **kwargs):
     """`triton.autotune(configs, key)` on a GPU; configs[0] is the default. Under the interpreter the kernel
     is returned as is and launched with `interp_config` (one fixed config: large blocks keep it fast).
@@ -123,6 +137,7 @@ def autotune(configs, key, interp_config: dict, work=None, prune=None, **kwargs)
             configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune}, **kwargs
         )(fn)
         tuned.interp_config = None
+        _TUNED[fn.__name__] = tuned
         return tuned
 
     return deco

@@ -505,3 +505,43 @@ if __name__ == "__main__":
         _probe()
     else:
         _bench(tuple(sys.argv[1:]) or ("contrastive", "siamese", "baseline"))
+
+
+def test_tuned_configs_reports_the_autotuners_choices(monkeypatch):
+    """`utils.tuned_configs()` (recorded by bench/kernels.py next to GPU timings) lists each autotuned kernel's
+    chosen config per key; without a GPU the kernels are decorated in a subprocess with the interpreter off."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from protoclr.kernels import utils
+
+    class FakeTuner:
+        def __init__(self, cache):
+            self.cache = cache
+
+    monkeypatch.setattr(
+        utils,
+        "_TUNED",
+        {"_k1": FakeTuner({(4096, "torch.bfloat16"): "BLOCK_M: 128, num_warps: 8"}), "_k2": FakeTuner({})},
+    )
+    assert utils.tuned_configs() == {"_k1": {"(4096, 'torch.bfloat16')": "BLOCK_M: 128, num_warps: 8"}}
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import json; from protoclr.kernels import assign, contrastive, siamese, utils; "
+        "print(json.dumps(sorted(utils._TUNED)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == sorted(
+        [
+            "_assign_kernel",
+            "_contrastive_fwd_kernel",
+            "_contrastive_bwd_rows_kernel",
+            "_contrastive_bwd_cols_kernel",
+            "_siamese_fwd_kernel",
+            "_siamese_bwd_kernel",
+        ]
+    )
