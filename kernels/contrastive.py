@@ -154,7 +154,7 @@ def _pruner(stationary: str, moving: str, grad_tile: bool, families: dict, defau
             configs = prefer(configs, defaults["ragged"][kind])
         elif kwargs.get("FN_MODE") == 1:
             configs = prefer(configs, defaults.get("mask", {}).get(kind))
-        eff = esize * (1.5 if esize == 4 and kwargs.get("DOT_PRECISION") == "tf32x3" else 1.0)
+        eff = esize * (1.5 if kind == "tf32x3" else 1.0)
         keep = []
         for c in configs:
             bs, bmv, st = c.kwargs[stationary], c.kwargs[moving], max(c.num_stages, 1)

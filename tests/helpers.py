@@ -5,6 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# every Triton kernel of protoclr.kernels (the autotuned ones on a GPU)
+TRITON_KERNELS = (
+    "_assign_kernel",
+    "_contrastive_fwd_kernel",
+    "_contrastive_bwd_rows_kernel",
+    "_contrastive_bwd_cols_kernel",
+    "_siamese_fwd_kernel",
+    "_siamese_bwd_kernel",
+)
+
 
 def make_batch(
     m: int,
