@@ -15,6 +15,7 @@ from protoclr.data import (
     build_eval_loader,
     build_train_loader,
     digits,
+    export,
     scan_image_folder,
 )
 
@@ -96,7 +97,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(digits, "_install", boom)
+    monkeypatch.setattr(export, "_install", boom)
     with pytest.raises(OSError, match="disk full"):
         digits.export_digits(root)
     assert os.listdir(tmp_path) == []
