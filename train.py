@@ -38,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--data",
         default=None,
         metavar="DIR",
-        help="data.root: ImageFolder, or a folder with train/ and val/ (or test/) (default: bundled digits)",
+        help="data.root: ImageFolder, or a folder with train/ and val/ (or test/); 'digits' or 'fmnist' set "
+        "data.dataset to that built-in source instead (default: bundled digits)",
     )
     p.add_argument("--out", default=None, metavar="DIR", help="out: checkpoints, logs, metrics, config.yaml")
     p.add_argument("--epochs", type=int, default=None, metavar="N", help="epochs: training epochs")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = get_args_parser()
     args = parser.parse_intermixed_args(argv)
     named = {
-        "data.root": args.data,
+        **(config.data_flag(args.data) if args.data is not None else {}),
         "out": args.out,
         "epochs": args.epochs,
         "batch_size": args.batch_size,

@@ -32,6 +32,7 @@ __all__ = [
     "OptimConfig",
     "AugmentConfig",
     "apply_overrides",
+    "data_flag",
     "flatten",
     "help_text",
     "load_yaml",
@@ -54,10 +55,29 @@ def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best at the call 
 class DataConfig:
     """Where the images come from and how they are read."""
 
+    dataset: str = _f(
+        "auto",
+        "'auto' (the ImageFolder at data.root; the bundled digits when root is ''), or a built-in source exported "
+        "once to $PROTOCLR_DATA_DIR (default ~/.cache/protoclr): 'digits' (scikit-learn's, bundled) or 'fmnist' "
+        "(Fashion-MNIST: 60,000 train / 10,000 test images; see data.fmnist_src)",
+    )
     root: str = _f(
         "",
         "training images: an ImageFolder (one sub-folder per class; labels are used only by evaluation) or a "
-        "folder holding train/ and val/ (or test/) ImageFolders; '' = the bundled digits data (exported once)",
+        "folder holding train/ and val/ (or test/) ImageFolders; '' = the bundled digits data (exported once); "
+        "must be '' with a built-in data.dataset",
+    )
+    fmnist_src: str = _f(
+        "",
+        "folder of the Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz] ...) or a torchvision root holding "
+        "FashionMNIST/raw/; '' = search $PROTOCLR_FMNIST_DIR, /usr/share/datasets/fashion-mnist/ (apt-get install "
+        "dataset-fashion-mnist), then $PROTOCLR_DATA_DIR/FashionMNIST/raw/",
+    )
+    download: bool = _f(False, "let torchvision download Fashion-MNIST when its IDX files are not found")
+    subset: int = _f(
+        0,
+        "train on a seeded, class-stratified subset of this many training images; 0 = all (the held-out set is "
+        "unaffected)",
     )
     val: str = _f(
         "",
@@ -178,6 +198,7 @@ class Config:
         """Raise ValueError naming the key when a value is out of range or inconsistent."""
         choices = {
             "data.backend": ("auto", "dali", "torch"),
+            "data.dataset": BUILTIN_DATASETS,
             "model.arch": tuple(ARCHS),
             "model.stem": ("auto", "cifar", "imagenet"),
             "loss.fn_mode": ("none", "mask", "attract"),
@@ -217,6 +238,7 @@ class Config:
             "model.proj_hidden",
             "cluster.start_epoch",
             "data.num_workers",
+            "data.subset",
             "eval.knn_every",
             "eval.linear_epochs",
             "optim.weight_decay",
@@ -229,6 +251,11 @@ class Config:
         for key in nonneg:
             if flat[key] < 0:
                 raise ValueError(f"config: {key} must be >= 0, got {flat[key]!r}")
+        if self.data.dataset != "auto" and self.data.root:
+            raise ValueError(
+                f"config: data.root must be '' with data.dataset={self.data.dataset!r} (a built-in source, exported to "
+                f"$PROTOCLR_DATA_DIR), got data.root={self.data.root!r}; set data.dataset=auto to train on that folder"
+            )
         if not 0 <= self.data.holdout < 1:
             raise ValueError(f"config: data.holdout must be in [0, 1), got {self.data.holdout!r}")
         for key in ("loss.tau", "optim.base_lr", "eval.knn_t", "eval.linear_lr"):
@@ -240,6 +267,15 @@ class Config:
 
 
 ARCHS = {"resnet18": "BasicBlock", "resnet34": "BasicBlock", "resnet50": "Bottleneck"}
+BUILTIN_DATASETS = ("auto", "digits", "fmnist")
+
+
+def data_flag(value: str) -> dict[str, str]:
+    """The overrides of a `--data` flag: a built-in source's name ('digits', 'fmnist') sets data.dataset, anything
+    else is a folder (data.root, data.dataset=auto). A folder named like a source is passed as ./fmnist."""
+    if value in BUILTIN_DATASETS[1:]:
+        return {"data.dataset": value, "data.root": ""}
+    return {"data.dataset": "auto", "data.root": value}
 
 
 # ------------------------------------------------------------------------------------------- flat keys

@@ -1,7 +1,7 @@
 """Data pipeline (knows no model): datasets on disk, the SPEC §2 augmentations on DALI or torchvision v2, and the
 PrototypePairSampler of SPEC §1.5.
 
-    ds = scan_image_folder(root)                      # or digits.export_digits() / "train"
+    ds = scan_image_folder(root)                      # or digits.export_digits() / "train", fmnist.export_fmnist()
     sampler = PrototypePairSampler(len(ds), batch_size=B, seed=0)
     loader = build_train_loader(ds, sampler, AugmentConfig(), device)
     for epoch in range(E):
@@ -9,10 +9,10 @@ PrototypePairSampler of SPEC §1.5.
         for views, index in loader: ...               # views: V × (B, 3, H, W) channels_last; index: (B,) int64
 """
 
-from . import digits
+from . import digits, fmnist
 from .augment import AugmentConfig
 from .build import build_eval_loader, build_train_loader, resolve_backend
-from .folder import ImageDataset, read_file_list, scan_image_folder
+from .folder import ImageDataset, read_file_list, scan_image_folder, stratified_subset
 from .sampler import PrototypePairSampler
 
 __all__ = [
@@ -22,7 +22,9 @@ __all__ = [
     "build_eval_loader",
     "build_train_loader",
     "digits",
+    "fmnist",
     "read_file_list",
     "resolve_backend",
     "scan_image_folder",
+    "stratified_subset",
 ]

@@ -1,4 +1,4 @@
-"""Image datasets on disk: ImageFolder scanning, file lists, and the handling of unreadable files.
+"""Image datasets on disk: ImageFolder scanning, file lists, stratified subsets, and the handling of unreadable files.
 
 A dataset is a list of `(path, class_idx)` in a fixed order; the position in that list is the *dataset index*
 that the loaders return with every image (the loss's `inst`, the k-means assignment's row). The order is sorted
@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,36 @@ def read_file_list(path: str | os.PathLike, root: str | os.PathLike | None = Non
         raise ValueError(f"read_file_list: file list {str(path)!r} holds no images")
     n_classes = max(c for _, c in samples) + 1
     return ImageDataset(root=base, samples=samples, classes=[str(i) for i in range(n_classes)])
+
+
+def stratified_subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
+    """A class-stratified random subset of `n` images of `ds`, the same for the same `seed` (config data.subset).
+
+    Class c keeps n * |c| / len(ds) images (rounded down, then the largest remainders get one more: ties to the lower
+    class index), drawn uniformly without replacement. The subset keeps `ds`'s order (so its dataset indices are
+    0..n-1 in path order) and its class list.
+
+    Args:
+        ds: the dataset.
+        n: images to keep, 1..len(ds); len(ds) returns `ds` itself.
+        seed: fixes the draw (config `seed`).
+
+    Raises:
+        ValueError: n is not in 1..len(ds).
+    """
+    if not 0 < n <= len(ds):
+        raise ValueError(
+            f"stratified_subset: data.subset={n} must be in 1..{len(ds)} (the training images in {ds.root})"
+        )
+    if n == len(ds):
+        return ds
+    targets = np.asarray(ds.targets, dtype=np.int64)
+    sizes = np.bincount(targets, minlength=len(ds.classes))
+    quota, rem = np.divmod(n * sizes, len(ds))  # exact integer shares
+    quota[np.argsort(-rem, kind="stable")[: n - int(quota.sum())]] += 1
+    rng = np.random.default_rng([seed, 0x5B5E7])
+    keep = [rng.permutation(np.flatnonzero(targets == c))[:q] for c, q in enumerate(quota)]
+    return ImageDataset(ds.root, [ds.samples[i] for i in np.sort(np.concatenate(keep))], list(ds.classes))
 
 
 def _walk(folder: Path, exts: tuple[str, ...]) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import cluster, dist
-from ..data import ImageDataset, build_eval_loader, digits, scan_image_folder
+from ..data import ImageDataset, build_eval_loader, digits, fmnist, scan_image_folder, stratified_subset
 from .knn import knn_classify
 from .linear import linear_probe
 
@@ -24,27 +24,49 @@ __all__ = ["load_splits", "extract", "knn_eval", "knn_classify", "linear_probe",
 log = logging.getLogger(__name__)
 
 
-def data_root(root: str) -> Path:
-    """`data.root`, or the bundled digits export when it is '' (rank 0 writes it, the others wait)."""
-    if root:
-        return Path(root).expanduser()
+def data_root(data_cfg) -> Path:
+    """The data folder of the config's data section: `data.root`, or the export of the built-in source
+    (data.dataset 'digits' or 'fmnist'; 'auto' with root '' = digits), which rank 0 writes while the others wait."""
+    name = data_cfg.dataset
+    if name == "auto":
+        if data_cfg.root:
+            return Path(data_cfg.root).expanduser()
+        name = "digits"
+
+    def export() -> Path:
+        if name == "digits":
+            return digits.export_digits()
+        return fmnist.export_fmnist(data_cfg.fmnist_src or None, download=data_cfg.download)
+
     if dist.is_main_process():
-        path = digits.export_digits()
+        path = export()
     dist.barrier()
     if not dist.is_main_process():
-        path = digits.export_digits()  # finds the finished export
+        path = export()  # finds the finished export
     return path
 
 
 def load_splits(data_cfg, seed: int = 0) -> tuple[ImageDataset, ImageDataset | None, str]:
     """(train, held-out or None, description) for the config's data section.
 
-    - root holding train/: train on root/train; hold out data.val, else root/val, else root/test.
+    - root holding train/ (a built-in source too): train on root/train; hold out data.val, else root/val, else
+      root/test.
     - otherwise: train on root; hold out data.val, else a random share data.holdout of root (removed from the
       training set, fixed by the seed), else none.
+    - data.subset > 0: then train on a class-stratified subset of that many training images (`stratified_subset`,
+      fixed by the seed); the held-out set is unaffected.
     The held-out set must have the training set's classes (labels are compared by class name).
     """
-    root = data_root(data_cfg.root)
+    train, val, desc = _splits(data_cfg, seed)
+    if data_cfg.subset:
+        full = len(train)
+        train = stratified_subset(train, data_cfg.subset, seed)
+        desc += f"; training on a stratified subset of {len(train)} of the {full} training images (data.subset)"
+    return train, val, desc
+
+
+def _splits(data_cfg, seed: int) -> tuple[ImageDataset, ImageDataset | None, str]:
+    root = data_root(data_cfg)
     val_path = Path(data_cfg.val).expanduser() if data_cfg.val else None
     if root.is_dir() and (root / "train").is_dir():
         train = scan_image_folder(root / "train")

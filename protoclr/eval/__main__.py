@@ -1,4 +1,4 @@
-"""`python -m protoclr.eval knn|linear --ckpt PATH --data DIR`: evaluate a frozen encoder (SPEC §3.1).
+"""`python -m protoclr.eval knn|linear --ckpt PATH --data DIR|digits|fmnist`: evaluate a frozen encoder (SPEC §3.1).
 
 The last line printed is one JSON object with "top1" (percent). Without --ckpt (or with --init random) the
 encoder of the config (--config, default configs/digits.yaml) is evaluated at its random initialisation;
@@ -36,8 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default=None,
-        help="ImageFolder, or a folder with train/ and val/ (or test/); "
-        "default: the checkpoint's data.root (the bundled digits when empty)",
+        help="ImageFolder, or a folder with train/ and val/ (or test/), or a built-in source: 'digits' or 'fmnist' "
+        "(data.dataset); default: the checkpoint's data (the bundled digits when empty)",
     )
     p.add_argument("--val", default=None, help="held-out ImageFolder (default: DATA/val, DATA/test or data.holdout)")
     p.add_argument("--config", default=None, help="preset used without --ckpt (default configs/digits.yaml)")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         cfg = config.resolve(args.config or config.DEFAULT_PRESET, {}, args.overrides)
     named = {
-        "data.root": args.data,
+        **(config.data_flag(args.data) if args.data is not None else {}),
         "data.val": args.val,
         "eval.knn_k": args.k,
         "eval.knn_t": args.t,
