@@ -115,6 +115,11 @@ class LossConfig:
     tau: float = _f(0.5, "temperature of the contrastive term")
     fn_mode: str = _f("none", "false negatives in L_con: 'none' (SimCLR, the paper), 'mask' or 'attract'")
     balance: bool = _f(True, "siamese term: mean of the per-class (same / different) means instead of one mean")
+    pairs: str = _f(
+        "dense",
+        "siamese pairs: 'dense' (every pair of the batch, SPEC 1.2) or 'paper' (per sampled image pair: its 2 "
+        "same-image and 4 cross-image view pairs, the paper's sampling; one process only)",
+    )
     lambda_con: float = _f(1.0, "weight of the contrastive term")
     lambda_sia: float = _f(1.0, "weight of the siamese metric term")
     lambda_proto: float = _f(1.0, "weight of the prototype classification term")
@@ -135,6 +140,11 @@ class ClusterConfig:
     iters: int = _f(20, "k-means iterations")
     recluster_every: int = _f(1, "re-cluster every this many epochs")
     start_epoch: int = _f(0, "first epoch that clusters; before it prototype ids are -1 (plain SimCLR + siamese)")
+    source: str = _f(
+        "kmeans",
+        "prototypes: 'kmeans' (SPEC §1 E-step) or 'labels' (the class labels, fixed: an oracle for ablations; with "
+        "loss.lambda_con=0 loss.lambda_sia=0 it is the supervised baseline; cluster.k must be the class count)",
+    )
 
 
 @dataclass
@@ -203,6 +213,8 @@ class Config:
             "model.stem": ("auto", "cifar", "imagenet"),
             "loss.fn_mode": ("none", "mask", "attract"),
             "loss.proto_init": ("random", "zero"),
+            "loss.pairs": ("dense", "paper"),
+            "cluster.source": ("kmeans", "labels"),
             "loss.backend": ("auto", "reference", "cpu", "cuda", "triton"),
             "optim.name": ("lars", "sgd"),
             "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import __version__, checkpoint, cluster, dist, ops
 from .config import Config, flatten, from_dict, to_dict, to_yaml
-from .data import PrototypePairSampler, build_train_loader
+from .data import PrototypePairSampler, build_train_loader, paper_pairs
 from .eval import knn_eval, load_splits, sharded_eval_loader
 from .model import build_model, convert_sync_batchnorm
 from .monitor import MetricLogger, Monitor, format_eta, memory_gb, setup_logging
@@ -98,6 +98,7 @@ def step_loss(
     """
     inst = index.repeat(len(views))  # (N,) rows are view-major: view v of image b is row v·B + b
     proto = proto_table[index].repeat(len(views))
+    pairs = paper_pairs(index.numel(), len(views), index.device) if cfg.loss.pairs == "paper" else None
     with autocast if autocast is not None else nullcontext():
         h, z, logits = model(views)  # (N, C), (N, Dz) fp32, (N, K)
     h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
@@ -110,6 +111,7 @@ def step_loss(
         head_bias=head.bias,
         tau=cfg.loss.tau,
         fn_mode=cfg.loss.fn_mode,
+        pairs=pairs,
         balance=cfg.loss.balance,
         lambda_con=cfg.loss.lambda_con,
         lambda_sia=cfg.loss.lambda_sia,
@@ -202,6 +204,13 @@ def _train(cfg: Config) -> dict:
             f"over {world} rank(s); use a multiple of {2 * world}"
         )
     per_rank = cfg.batch_size // world
+    if cfg.loss.pairs == "paper" and distributed:
+        raise ValueError("config: loss.pairs=paper samples pairs per rank and runs on one process; use dense pairs")
+    if cfg.cluster.source == "labels" and cfg.cluster.k != len(train_ds.classes):
+        raise ValueError(
+            f"config: cluster.source=labels uses the {len(train_ds.classes)} classes as prototypes; "
+            f"set cluster.k={len(train_ds.classes)} (got {cfg.cluster.k})"
+        )
     if len(train_ds) < cfg.batch_size:
         raise ValueError(f"config: batch_size={cfg.batch_size} exceeds the {len(train_ds)} training images")
     sampler = PrototypePairSampler(len(train_ds), per_rank, world, rank, seed=cfg.seed, drop_last=True)
@@ -340,7 +349,20 @@ def _train(cfg: Config) -> dict:
         return path
 
     def recluster(epoch: int) -> None:
-        """E-step (SPEC §1): prototypes from the current encoder, then a fresh classifier and its momentum reset."""
+        """E-step (SPEC §1): prototypes from the current encoder, then a fresh classifier and its momentum reset.
+        With cluster.source=labels the class labels are the prototypes, set (and the classifier drawn) once."""
+        if cfg.cluster.source == "labels":
+            if protos.k:
+                return
+            labels = torch.tensor(train_ds.targets, dtype=torch.int64, device=device)
+            protos.update(labels, torch.eye(cfg.cluster.k, device=device), epoch)
+        else:
+            _kmeans_prototypes(epoch)
+        raw_model.reset_classifier(cfg.loss.proto_init, seed=cfg.seed * 1_000_003 + epoch)
+        for p in raw_model.classifier.parameters():
+            optimizer.state.pop(p, None)
+
+    def _kmeans_prototypes(epoch: int) -> None:
         cluster.cluster_dataset(
             raw_model.backbone,
             cluster_loader,
@@ -355,9 +377,6 @@ def _train(cfg: Config) -> dict:
             backend=cfg.loss.backend,
             progress=cfg.progress,
         )
-        raw_model.reset_classifier(cfg.loss.proto_init, seed=cfg.seed * 1_000_003 + epoch)
-        for p in raw_model.classifier.parameters():
-            optimizer.state.pop(p, None)
 
     def knn() -> float | None:
         if val_ds is None:

@@ -90,7 +90,7 @@ def test_help_lists_every_key():
         assert f.metadata.get("help"), f"{f.name} has no help"
 
 
-@pytest.mark.parametrize("name", ["digits", "cifar_r18", "imagenet_r50"])
+@pytest.mark.parametrize("name", ["digits", "fmnist", "cifar_r18", "imagenet_r50"])
 def test_presets_load(name):
     cfg = config.resolve(Path(config.DEFAULT_PRESET).parent / f"{name}.yaml", {}, [])
     if name == "imagenet_r50":
@@ -424,3 +424,60 @@ def test_outputs_written(tmp_path, small_digits):
     assert state["prototypes"]["ids"].min() >= 0 and state["prototypes"]["centroids"].shape[0] == 5
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
     assert os.environ.get("RANK") is None
+
+
+def test_paper_pairs_layout():
+    from protoclr.data import paper_pairs
+
+    b = 6  # 3 image pairs (0,1) (2,3) (4,5); row v*b + image
+    i, j = paper_pairs(b, 2)
+    got = {(int(x), int(y)) for x, y in zip(i, j)}
+    want = set()
+    for a in range(0, b, 2):
+        a1, a2, b1, b2 = a, a + b, a + 1, a + 1 + b
+        want |= {(a1, a2), (b1, b2), (a1, b1), (a1, b2), (a2, b1), (a2, b2)}
+    assert len(i) == 3 * b and got == want
+    with pytest.raises(ValueError, match="views"):
+        paper_pairs(4, 1)
+    with pytest.raises(ValueError, match="batch_size"):
+        paper_pairs(5, 2)
+
+
+def test_step_loss_paper_pairs_match_explicit_siamese(small_digits):
+    """loss.pairs=paper scores exactly the sampler's same- and cross-image view pairs (SPEC 1.2 pairs=)."""
+    from protoclr.data import paper_pairs
+    from protoclr.trainer import step_loss
+
+    cfg = small_cfg(Path("unused"), small_digits, "loss.pairs=paper", "loss.lambda_con=0", "loss.lambda_proto=0")
+    torch.manual_seed(0)
+    model = build_model(cfg).double()
+    b = 8
+    views = [torch.randn(b, 3, 8, 8, dtype=torch.float64) for _ in range(2)]
+    index = torch.arange(b)
+    table = torch.tensor([0, 0, 1, 2, 1, 1, 2, 0] + [0] * 100)
+    loss, _, st = step_loss(model, model.head, views, index, table, cfg, distributed=False)
+    h, _, _ = model(views)
+    i, j = paper_pairs(b, 2)
+    inst, proto = index.repeat(2), table[index].repeat(2)
+    want = ops.siamese_loss(
+        h, inst, proto, model.head.weight, model.head.bias, pairs=(i, j), balance=True, backend="reference"
+    )
+    assert torch.allclose(loss.double(), want.double(), rtol=1e-6), (loss, want)
+    dense = ops.siamese_loss(h, inst, proto, model.head.weight, model.head.bias, backend="reference")
+    assert not torch.allclose(loss.double(), dense.double(), rtol=1e-3)  # the option changes what is scored
+
+
+def test_label_prototypes_supervised_baseline(tmp_path, small_digits):
+    from protoclr.trainer import train
+
+    with pytest.raises(ValueError, match="cluster.k=10"):
+        train(small_cfg(tmp_path / "bad", small_digits, "cluster.source=labels", max_steps=1))
+    out = tmp_path / "sup"
+    extra = ["cluster.source=labels", "cluster.k=10", "loss.lambda_con=0", "loss.lambda_sia=0", "epochs=2"]
+    res = train(small_cfg(out, small_digits, *extra))
+    state = checkpoint.load(out / "checkpoint.pth")
+    from protoclr.data import scan_image_folder
+
+    labels = torch.tensor(scan_image_folder(small_digits / "train").targets)
+    assert torch.equal(state["prototypes"]["ids"], labels) and state["prototypes"]["epoch"] == 0  # set once
+    assert res["top1"] is not None and math.isfinite(res["top1"])

@@ -13,12 +13,13 @@ from . import digits, fmnist
 from .augment import AugmentConfig
 from .build import build_eval_loader, build_train_loader, resolve_backend
 from .folder import ImageDataset, read_file_list, scan_image_folder, stratified_subset
-from .sampler import PrototypePairSampler
+from .sampler import PrototypePairSampler, paper_pairs
 
 __all__ = [
     "AugmentConfig",
     "ImageDataset",
     "PrototypePairSampler",
+    "paper_pairs",
     "build_eval_loader",
     "build_train_loader",
     "digits",

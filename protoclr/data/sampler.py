@@ -281,3 +281,28 @@ def _repair_cross(cross: np.ndarray, left: np.ndarray, ids: np.ndarray, rng: np.
         cross[slots, 1] = seconds[: len(slots)]
         left = seconds[len(slots) :]
     return cross
+
+
+def paper_pairs(
+    batch_size: int, views: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's siamese pairs for one rank batch of this sampler (SPEC 1.2 `pairs=`): for every image pair
+    (positions 2i, 2i+1) its 2 same-image pairs (view 0 with view 1 of each image) and 4 cross-image pairs (views
+    0 and 1 of one image with views 0 and 1 of the other), as row indices of the view-major batch (row v·B + b).
+
+    Returns:
+        (i_idx, j_idx): two (3·B,) int64 tensors.
+
+    Raises:
+        ValueError: batch_size odd or < 2, or views < 2.
+    """
+    if batch_size < 2 or batch_size % 2:
+        raise ValueError(f"paper_pairs: batch_size must be an even int >= 2, got {batch_size!r}")
+    if views < 2:
+        raise ValueError(f"paper_pairs: the paper's pairs need views >= 2 (aug.views), got {views!r}")
+    a = torch.arange(0, batch_size, 2, device=device)  # (B/2,) first image of each pair
+    b = a + 1
+    a1, a2, b1, b2 = a, a + batch_size, b, b + batch_size
+    i_idx = torch.cat([a1, b1, a1, a1, a2, a2])
+    j_idx = torch.cat([a2, b2, b1, b2, b1, b2])
+    return i_idx, j_idx
