@@ -6,7 +6,7 @@ PIP        := $(VENV)/bin/pip
 MAX_JOBS   ?= 2
 CSRC       := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install train test test-slow test-gpu bench lint clean
+.PHONY: install train test test-slow test-gpu bench quality lint clean
 
 # Dependencies: only when requirements.txt changes.
 $(VENV)/.stamp-deps: requirements.txt
@@ -36,6 +36,10 @@ test-gpu: install
 
 bench: install
 	$(PY) bench/kernels.py --device cpu
+
+# The representation-quality study (bench/quality.py): Fashion-MNIST, SPCL vs SimCLR vs supervised vs pixels.
+quality: install
+	$(PY) bench/quality.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .

@@ -91,7 +91,14 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(e))
     from protoclr.trainer import train
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except FileNotFoundError as e:  # missing data: the message says how to get it
+        parser.exit(2, f"train.py: error: {e}\n")
+    except ValueError as e:
+        if not str(e).startswith("config"):  # a user's setting; anything else keeps its traceback
+            raise
+        parser.exit(2, f"train.py: error: {e}\n")
     if os.environ.get("RANK", "0") == "0":  # torchrun / SLURM (set by init_distributed_mode) rank
         print(json.dumps(result), flush=True)
     return result

@@ -125,8 +125,9 @@ class LossConfig:
     lambda_proto: float = _f(1.0, "weight of the prototype classification term")
     proto_init: str = _f(
         "random",
-        "prototype classifier after each re-clustering: 'random' (nn.Linear's init, seeded) or 'zero' (CE starts "
-        "at ln K and the term is active within a few steps; with 'random' and LARS it needs many steps per epoch)",
+        "prototype classifier after each re-clustering: 'random' (nn.Linear's init, seeded), 'zero' (CE starts "
+        "at ln K and the term is active within a few steps; with 'random' and LARS it needs many steps per epoch) "
+        "or 'centroids' (the k-means nearest-centroid rule mapped back onto h: cosine logits / 0.1)",
     )
     backend: str = _f("auto", "loss kernels: 'auto', 'reference', 'cpu', 'cuda' or 'triton' (see protoclr.ops)")
 
@@ -168,6 +169,11 @@ class EvalConfig:
     knn_k: int = _f(20, "neighbours of the weighted kNN classifier")
     knn_t: float = _f(0.07, "temperature of the kNN vote weights exp(sim / T)")
     knn_every: int = _f(1, "run the kNN monitor every this many epochs (and after the last); 0 = only at the end")
+    baselines: bool = _f(
+        True,
+        "after training, also score raw pixels and the randomly initialised encoder with the same kNN on the same "
+        "held-out images (is the run better than no learning?)",
+    )
     linear_epochs: int = _f(100, "linear probe epochs (SPEC §2)")
     linear_lr: float = _f(0.1, "linear probe lr per 256 images (SGD Nesterov, cosine)")
     linear_batch_size: int = _f(256, "linear probe batch size")
@@ -212,7 +218,7 @@ class Config:
             "model.arch": tuple(ARCHS),
             "model.stem": ("auto", "cifar", "imagenet"),
             "loss.fn_mode": ("none", "mask", "attract"),
-            "loss.proto_init": ("random", "zero"),
+            "loss.proto_init": ("random", "zero", "centroids"),
             "loss.pairs": ("dense", "paper"),
             "cluster.source": ("kmeans", "labels"),
             "loss.backend": ("auto", "reference", "cpu", "cuda", "triton"),
@@ -273,6 +279,8 @@ class Config:
         for key in ("loss.tau", "optim.base_lr", "eval.knn_t", "eval.linear_lr"):
             if flat[key] <= 0:
                 raise ValueError(f"config: {key} must be > 0, got {flat[key]!r}")
+        if self.loss.proto_init == "centroids" and self.cluster.source != "kmeans":
+            raise ValueError("config: loss.proto_init=centroids needs cluster.source=kmeans (centroids to start from)")
         if self.batch_size % 2:
             raise ValueError(f"config: batch_size must be even (the sampler draws image pairs), got {self.batch_size}")
         self.aug.validate()

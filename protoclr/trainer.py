@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import __version__, checkpoint, cluster, dist, ops
 from .config import Config, flatten, from_dict, to_dict, to_yaml
 from .data import PrototypePairSampler, build_train_loader, paper_pairs
-from .eval import knn_eval, load_splits, sharded_eval_loader
+from .eval import knn_baselines, knn_eval, load_splits, sharded_eval_loader
 from .model import build_model, convert_sync_batchnorm
 from .monitor import MetricLogger, Monitor, format_eta, memory_gb, setup_logging
 from .optim import WarmupCosine, build_optimizer, scaled_lr
@@ -358,7 +358,7 @@ def _train(cfg: Config) -> dict:
             protos.update(labels, torch.eye(cfg.cluster.k, device=device), epoch)
         else:
             _kmeans_prototypes(epoch)
-        raw_model.reset_classifier(cfg.loss.proto_init, seed=cfg.seed * 1_000_003 + epoch)
+        raw_model.reset_classifier(cfg.loss.proto_init, seed=cfg.seed * 1_000_003 + epoch, prototypes=protos)
         for p in raw_model.classifier.parameters():
             optimizer.state.pop(p, None)
 
@@ -557,13 +557,18 @@ def _train(cfg: Config) -> dict:
         "seconds": round(time.perf_counter() - t_run, 1),
     }
     if top1 is not None:
+        base = knn_baselines(cfg, train_ds, val_ds, device) if cfg.eval.baselines else {}
+        result.update({f"knn_{k}": v for k, v in base.items()})
         log.info(
-            "final kNN top-1 %.2f%% (k=%d, T=%g) on %d held-out images after %d steps",
+            "final kNN top-1 %.2f%% (k=%d, T=%g) on %d held-out images after %d steps%s",
             top1,
             cfg.eval.knn_k,
             cfg.eval.knn_t,
             len(val_ds),
             global_step,
+            f" | same kNN on raw pixels {base['pixels']:.2f}%, on the random-init encoder {base['random_init']:.2f}%"
+            if base
+            else "",
         )
         monitor.scalar("eval/knn_top1", top1, global_step)
     monitor.close()

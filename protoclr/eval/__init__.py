@@ -19,7 +19,7 @@ from ..data import ImageDataset, build_eval_loader, digits, fmnist, scan_image_f
 from .knn import knn_classify
 from .linear import linear_probe
 
-__all__ = ["load_splits", "extract", "knn_eval", "knn_classify", "linear_probe", "data_root"]
+__all__ = ["load_splits", "extract", "knn_eval", "knn_baselines", "knn_classify", "linear_probe", "data_root"]
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +139,17 @@ def knn_eval(
         t=cfg.eval.knn_t,
         num_classes=len(train.classes),
     )
+
+
+def knn_baselines(cfg, train: ImageDataset, val: ImageDataset, device: torch.device) -> dict[str, float]:
+    """kNN top-1 of the no-learning references on the same split: raw pixels (the flattened eval images) and the
+    config's backbone at its seeded random initialisation (the global RNG is left untouched)."""
+    from ..model import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        backbone = build_model(cfg).backbone.to(device)
+    return {
+        "pixels": knn_eval(nn.Flatten(), train, val, cfg, device)["top1"],
+        "random_init": knn_eval(backbone, train, val, cfg, device)["top1"],
+    }

@@ -1,0 +1,367 @@
+"""Representation quality on real data: SPCL against SimCLR, supervised training and raw pixels (Fashion-MNIST).
+
+Every method trains the same backbone with the same augmentations, optimiser, epochs, batch and seeds
+(`configs/fmnist.yaml`); only the objective differs (METHODS). Each trained encoder is scored by the trainer's kNN
+monitor (k=20, T=0.07) and by the linear probe (`python -m protoclr.eval linear`), both on the held-out split:
+
+- `--split val`: a validation split carved from Fashion-MNIST's training images (disjoint from the training
+  subset). Tune here.
+- `--split test`: the official 10,000 test images. Report here; never tune on it.
+
+Training images: a class-stratified subset of `--train-images` of the 60,000 training images, the same for
+every method and seed; validation: `--val-images` further training images. Runs are subprocesses of the real
+command lines (`train.py --resume auto`, `python -m protoclr.eval`), so a killed study resumes where it stopped:
+a (method, seed, split) already in the JSONL with the same settings is skipped.
+
+    python bench/quality.py                                   # the study on the test split (make quality)
+    python bench/quality.py --split val --methods simclr spcl --seeds 0 1 2
+    python bench/quality.py --split val --methods spcl --tag k200 -- cluster.k=200   # an ablation
+    python bench/quality.py --report                          # table + plots from the JSONL only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
+PRESET = ROOT / "configs" / "fmnist.yaml"
+
+# Objective of each method, as overrides of the preset. Everything else is shared. "spcl" is the preset as it is
+# (protoclr's default SPCL); the spcl-* rows pin the SPEC §2 values they vary, so they stay what their name says
+# when the defaults change.
+SPEC_SPCL = ["loss.fn_mode=none", "loss.pairs=dense", "loss.lambda_sia=1.0", "loss.lambda_proto=1.0"]
+METHODS: dict[str, list[str] | None] = {
+    "raw": None,  # raw normalised pixels, no encoder
+    "random": None,  # the backbone at its random initialisation
+    "supervised": [
+        "cluster.source=labels",
+        "cluster.k=10",
+        "cluster.start_epoch=0",
+        "loss.lambda_con=0",
+        "loss.lambda_sia=0",
+        "loss.lambda_proto=1.0",
+    ],
+    "simclr": ["loss.lambda_sia=0", "loss.lambda_proto=0", "cluster.start_epoch=1000000", "loss.fn_mode=none"],
+    "spcl-paper": [*SPEC_SPCL, "loss.pairs=paper", "cluster.start_epoch=0"],
+    "spcl-dense": [*SPEC_SPCL, "cluster.start_epoch=0"],
+    "spcl-mask": [*SPEC_SPCL, "cluster.start_epoch=0", "loss.fn_mode=mask"],
+    "spcl-attract": [*SPEC_SPCL, "cluster.start_epoch=0", "loss.fn_mode=attract"],
+    "spcl": [],
+}
+# The study: 3 seeds for SimCLR and protoclr's SPCL (the claim), 1 for the rest.
+PLAN = {m: ([0, 1, 2] if m in ("simclr", "spcl") else [0]) for m in METHODS}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("bench/quality.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--split", choices=["val", "test"], default="test", help="held-out split scored (tune on val)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods to run")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds for every method (default: PLAN)")
+    p.add_argument("--tag", default="", help="name suffix of an ablation (its overrides follow '--')")
+    p.add_argument("--train-images", type=int, default=10_000, help="stratified training subset (of 60,000)")
+    p.add_argument("--val-images", type=int, default=5_000, help="validation images carved from the rest")
+    p.add_argument("--config", default=str(PRESET), help="the shared preset")
+    p.add_argument("--work", default=None, help="runs and split folders (default $PROTOCLR_DATA_DIR/quality)")
+    p.add_argument("--results", default=str(RESULTS), help="JSONL the rows are appended to")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = the preset's)")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only; faster tuning)")
+    p.add_argument("--report", action="store_true", help="only print the table and draw the plots")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every trained method")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def work_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg).expanduser()
+    base = os.environ.get("PROTOCLR_DATA_DIR")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "protoclr") / "quality"
+
+
+def prepare_splits(work: Path, n_train: int, n_val: int) -> dict[str, Path]:
+    """Folders of symlinks into the Fashion-MNIST export: split/train (n_train), split/val (n_val), both
+    class-stratified and disjoint, fixed (seed 0) whatever the training seed; plus the official test folder."""
+    sys.path.insert(0, str(ROOT))
+    from protoclr.data import fmnist, scan_image_folder, stratified_subset
+
+    export = fmnist.export_fmnist()
+    split = work / f"split-{n_train}-{n_val}"
+    marker = split / ".complete"
+    if not marker.exists():
+        full = scan_image_folder(export / "train")
+        pool = stratified_subset(full, n_train + n_val, seed=0)
+        train = stratified_subset(pool, n_train, seed=0)
+        taken = {path for path, _ in train.samples}
+        val = [(path, y) for path, y in pool.samples if path not in taken]
+        for name, samples in (("train", train.samples), ("val", val)):
+            for path, y in samples:
+                dst = split / name / pool.classes[y] / Path(path).name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if not dst.exists():
+                    os.symlink(path, dst)
+        marker.write_text(json.dumps({"train": len(train), "val": len(val), "export": str(export)}))
+    return {"root": split, "val": split / "val", "test": export / "test"}
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def _last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError("no JSON line in the output")
+
+
+def _run(cmd: list[str], log_path: Path) -> dict:
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+        log.write(proc.stdout)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[1]} failed (exit {proc.returncode}); see {log_path}")
+    return _last_json(proc.stdout)
+
+
+def _knn_curve(run_dir: Path) -> list[list[float]]:
+    curve = []
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("type") == "epoch" and row.get("knn_top1") is not None:
+                curve.append([row["epoch"] + 1, row["knn_top1"]])
+    return curve
+
+
+def shared_overrides(args) -> list[str]:
+    """Overrides of every method: the split folder is the training subset already; the user's extras."""
+    return [
+        "data.subset=0",
+        "eval.baselines=false",
+        *args.overrides,
+        *([f"threads={args.threads}"] if args.threads else []),
+    ]
+
+
+def run_one(method: str, seed: int, args, paths: dict[str, Path], work: Path) -> dict:
+    """Train (unless raw/random) and evaluate one (method, seed); returns the JSONL row."""
+    held = paths[args.split]
+    py = sys.executable
+    name = method + (f"-{args.tag}" if args.tag else "")
+    run_dir = work / "runs" / args.split / f"{name}-s{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "study.log"
+    shared = shared_overrides(args)
+    common = ["--data", str(paths["root"]), "--val", str(held)]
+    row: dict = {"method": name, "seed": seed, "split": args.split}
+    t0 = time.perf_counter()
+    if METHODS[method] is None:
+        base = [py, "-m", "protoclr.eval", "--config", args.config, *common]
+        flavour = ["--features", "pixels"] if method == "raw" else ["--init", "random"]
+        extra = [f"seed={seed}", *shared]
+        knn = _run([*base[:3], "knn", *base[3:], *flavour, *extra], log_path)
+        lin = None if args.no_linear else _run([*base[:3], "linear", *base[3:], *flavour, *extra], log_path)
+        row["train_seconds"] = 0.0
+        row["knn_curve"] = []
+        row["overrides"] = shared
+    else:
+        overrides = [*METHODS[method], *shared]
+        cmd = [py, "train.py", "--config", args.config, "--data", str(paths["root"]), "--out", str(run_dir)]
+        cmd += ["--resume", "auto", f"seed={seed}", f"data.val={held}", "progress=false", *overrides]
+        res = _run(cmd, log_path)
+        ckpt = run_dir / "checkpoint.pth"
+        knn = {"top1": res["top1"]}
+        lin = None
+        if not args.no_linear:
+            lin = _run([py, "-m", "protoclr.eval", "linear", "--ckpt", str(ckpt), *common], log_path)
+        row["train_seconds"] = res["seconds"]
+        row["knn_curve"] = _knn_curve(run_dir)
+        row["overrides"] = overrides
+    row.update(
+        knn_top1=knn["top1"],
+        linear_top1=None if lin is None else lin["top1"],
+        seconds=round(time.perf_counter() - t0, 1),
+        config=Path(args.config).name,
+        train_images=args.train_images,
+        val_images=args.val_images,
+        git_sha=_git_sha(),
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        loadavg_1m=os.getloadavg()[0],
+    )
+    return row
+
+
+def _git_sha() -> str:
+    sys.path.insert(0, str(ROOT))
+    from protoclr.trainer import git_sha
+
+    return git_sha()
+
+
+def _key(row: dict) -> tuple:
+    return (row["method"], row["seed"], row["split"], row.get("train_images"), tuple(row.get("overrides") or ()))
+
+
+def load_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _mean_std(rows: list[dict], key: str) -> tuple[float | None, float | None]:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarise(rows: list[dict], split: str) -> list[dict]:
+    """Mean and std over seeds per method (the latest row of each (method, seed) counts)."""
+    latest: dict[tuple, dict] = {}
+    for r in rows:
+        if r["split"] == split:
+            latest[(r["method"], r["seed"])] = r
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for (method, _), r in sorted(latest.items()):
+        by_method[method].append(r)
+    out = []
+    for method, rs in by_method.items():
+        (km, ks), (lm, ls) = _mean_std(rs, "knn_top1"), _mean_std(rs, "linear_top1")
+        out.append(
+            {
+                "method": method,
+                "seeds": [r["seed"] for r in rs],
+                "knn": [r["knn_top1"] for r in rs],
+                "knn_mean": km,
+                "knn_std": ks,
+                "linear_mean": lm,
+                "linear_std": ls,
+                "train_min": statistics.fmean(r["train_seconds"] for r in rs) / 60,
+                "curves": [r.get("knn_curve") or [] for r in rs],
+            }
+        )
+    order = {m: i for i, m in enumerate(METHODS)}
+    out.sort(
+        key=lambda s: (
+            order.get(s["method"].split("-")[0] if s["method"] not in order else s["method"], 99),
+            s["method"],
+        )
+    )
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    def pm(m, s, n):
+        if m is None:
+            return "–"
+        return f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}"
+
+    lines = [
+        "| method | seeds | kNN top-1 per seed | kNN top-1 (mean ± std) | linear top-1 | train min/run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        n = len(s["seeds"])
+        per_seed = " / ".join(f"{v:.2f}" for v in s["knn"])
+        lines.append(
+            f"| {s['method']} | {n} | {per_seed} | {pm(s['knn_mean'], s['knn_std'], n)} | "
+            f"{pm(s['linear_mean'], s['linear_std'], n)} | {s['train_min']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], split: str, out_dir: Path) -> Path | None:
+    if not summary:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    names = [s["method"] for s in summary]
+    x = range(len(names))
+    w = 0.38
+    for off, key, label in ((-w / 2, "knn", "kNN top-1"), (w / 2, "linear", "linear top-1")):
+        means = [s[f"{key}_mean"] or 0.0 for s in summary]
+        stds = [s[f"{key}_std"] or 0.0 for s in summary]
+        ax1.bar([i + off for i in x], means, w, yerr=stds, capsize=3, label=label)
+    lo = min((s["knn_mean"] for s in summary if s["knn_mean"]), default=0)
+    ax1.set_ylim(max(0, math.floor(lo / 5) * 5 - 5), 100)
+    ax1.set_xticks(list(x), names, rotation=30, ha="right")
+    ax1.set_ylabel("top-1 %")
+    ax1.set_title(f"Fashion-MNIST, {split} split (mean ± std over seeds)")
+    ax1.legend(loc="lower right")
+    for s in summary:
+        pts = [c for c in s["curves"] if c]
+        if not pts:
+            continue
+        epochs = sorted({e for c in pts for e, _ in c})
+        mean = [statistics.fmean(v for c in pts for e2, v in c if e2 == e) for e in epochs]
+        ax2.plot(epochs, mean, marker="o", label=s["method"])
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("kNN top-1 % (mean over seeds)")
+    ax2.set_title("kNN monitor during training")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"quality_fmnist_{split}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    results = Path(args.results)
+    if not args.report:
+        work = work_dir(args.work)
+        paths = prepare_splits(work, args.train_images, args.val_images)
+        done = {_key(r) for r in load_rows(results)}
+        for method in args.methods:
+            for seed in args.seeds if args.seeds is not None else PLAN[method]:
+                name = method + (f"-{args.tag}" if args.tag else "")
+                overrides = [*(METHODS[method] or []), *shared_overrides(args)]
+                key = (name, seed, args.split, args.train_images, tuple(overrides or ()))
+                if key in done:
+                    print(f"quality: {name} seed {seed} ({args.split}) already in {results}, skipped", flush=True)
+                    continue
+                print(f"quality: {name} seed {seed} ({args.split}) ...", flush=True)
+                row = run_one(method, seed, args, paths, work)
+                results.parent.mkdir(parents=True, exist_ok=True)
+                with open(results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                lin = "–" if row["linear_top1"] is None else f"{row['linear_top1']:.2f}"
+                print(
+                    f"quality: {name} seed {seed}: kNN {row['knn_top1']:.2f}  linear {lin}  ({row['seconds']:.0f} s)",
+                    flush=True,
+                )
+    summary = summarise(load_rows(results), args.split)
+    print(table(summary))
+    path = plot(summary, args.split, results.parent / "plots")
+    if path:
+        print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
