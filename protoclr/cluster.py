@@ -23,7 +23,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
-from typing import NamedTuple
 
 import torch
 import torch.distributed
@@ -34,7 +33,6 @@ from . import dist, ops
 
 __all__ = [
     "Prototypes",
-    "Whitening",
     "cluster_dataset",
     "cluster_stats",
     "extract_features",
@@ -278,23 +276,10 @@ def _pca_fit(x: torch.Tensor, dim: int, power: float, cov_dtype: torch.dtype) ->
     return mean, evecs * scale
 
 
-class Whitening(NamedTuple):
-    """The map `pca_whiten` fitted: y = (x - mean) @ proj, then y / |y|; `norm` is the mean |y| over the rows."""
-
-    mean: torch.Tensor  # (D,)
-    proj: torch.Tensor  # (D, d)
-    norm: float
-
-
 @torch.no_grad()
 def pca_whiten(
-    x: torch.Tensor,
-    dim: int = 256,
-    power: float = -0.5,
-    *,
-    cov_dtype: torch.dtype = torch.float64,
-    return_transform: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, Whitening]:
+    x: torch.Tensor, dim: int = 256, power: float = -0.5, *, cov_dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """PCA-whiten rows and L2-normalise them (SPEC §1 E-step).
 
     Fits the mean and covariance on x (covariance accumulated in `cov_dtype` over row chunks, so no float64
@@ -307,11 +292,9 @@ def pca_whiten(
             (N <= D, constant features) come out as zero columns, so the width is always min(dim, D).
         power: exponent on the eigenvalues: -0.5 whitens, 0 is plain PCA.
         cov_dtype: torch.float64 (default) or torch.float32 for the covariance and eigendecomposition.
-        return_transform: also return the fitted `Whitening` (to map new features into the same space).
 
     Returns:
-        (N, min(dim, D)) float32 (float64 for float64 x) rows of unit L2 norm (a row that projects to 0 stays 0);
-        with return_transform, (rows, Whitening).
+        (N, min(dim, D)) float32 (float64 for float64 x) rows of unit L2 norm (a row that projects to 0 stays 0).
 
     Raises:
         ValueError: x not a 2-D float tensor with N >= 2 rows, dim < 1, non-finite power, bad cov_dtype.
@@ -330,10 +313,7 @@ def pca_whiten(
     w = w.to(acc)
     # x @ W - mean @ W: no centred (N, D) copy of x.
     y = x.to(acc) @ w - (mean @ w.to(cov_dtype)).to(acc)  # (N, d)
-    if not return_transform:
-        return F.normalize(y, dim=1)
-    norm = float(y.norm(dim=1).mean())
-    return F.normalize(y, dim=1), Whitening(mean.to(acc), w, norm)
+    return F.normalize(y, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- k-means
@@ -629,8 +609,6 @@ class Prototypes:
         epoch: epoch whose E-step computed them, -1 before the first clustering.
         inertia: k-means inertia of that clustering, or None.
         stats: cluster-size statistics of the last update (`cluster_stats`), not checkpointed.
-        whitening: the `Whitening` of the features the centroids live in (set by `cluster_dataset`), not
-            checkpointed.
     """
 
     _KEYS = ("ids", "centroids", "epoch", "inertia")
@@ -642,7 +620,6 @@ class Prototypes:
         self.epoch = -1
         self.inertia: float | None = None
         self.stats: dict[str, float] = {}
-        self.whitening: Whitening | None = None
 
     @property
     def num_images(self) -> int:
@@ -751,7 +728,7 @@ def cluster_dataset(
     t0 = time.perf_counter()
     feats = extract_features(encoder, loader, num_images, device, progress=progress)
     t1 = time.perf_counter()
-    white, whitening = pca_whiten(feats, dim=pca_dim, power=power, return_transform=True)
+    white = pca_whiten(feats, dim=pca_dim, power=power)
     del feats
     centroids, assignments, inertia = kmeans(white, k, iters=iters, seed=seed, backend=backend, progress=progress)
     t2 = time.perf_counter()
@@ -760,7 +737,6 @@ def cluster_dataset(
     elif prototypes.num_images != num_images:
         _fail("cluster_dataset", f"prototypes hold {prototypes.num_images} images but num_images={num_images}")
     prototypes.update(assignments, centroids, epoch, inertia)
-    prototypes.whitening = whitening
     s = prototypes.stats
     log.info(
         "epoch %d prototypes: k=%d inertia %.6g (%.4f per image) | sizes min %d max %d mean %.1f, %d empty | "

@@ -125,9 +125,8 @@ class LossConfig:
     lambda_proto: float = _f(1.0, "weight of the prototype classification term")
     proto_init: str = _f(
         "random",
-        "prototype classifier after each re-clustering: 'random' (nn.Linear's init, seeded), 'zero' (CE starts "
-        "at ln K and the term is active within a few steps; with 'random' and LARS it needs many steps per epoch) "
-        "or 'centroids' (the k-means nearest-centroid rule mapped back onto h: cosine logits / 0.1)",
+        "prototype classifier after each re-clustering: 'random' (nn.Linear's init, seeded) or 'zero' (CE starts "
+        "at ln K and the term is active within a few steps; with 'random' and LARS it needs many steps per epoch)",
     )
     backend: str = _f("auto", "loss kernels: 'auto', 'reference', 'cpu', 'cuda' or 'triton' (see protoclr.ops)")
 
@@ -218,7 +217,7 @@ class Config:
             "model.arch": tuple(ARCHS),
             "model.stem": ("auto", "cifar", "imagenet"),
             "loss.fn_mode": ("none", "mask", "attract"),
-            "loss.proto_init": ("random", "zero", "centroids"),
+            "loss.proto_init": ("random", "zero"),
             "loss.pairs": ("dense", "paper"),
             "cluster.source": ("kmeans", "labels"),
             "loss.backend": ("auto", "reference", "cpu", "cuda", "triton"),
@@ -279,8 +278,6 @@ class Config:
         for key in ("loss.tau", "optim.base_lr", "eval.knn_t", "eval.linear_lr"):
             if flat[key] <= 0:
                 raise ValueError(f"config: {key} must be > 0, got {flat[key]!r}")
-        if self.loss.proto_init == "centroids" and self.cluster.source != "kmeans":
-            raise ValueError("config: loss.proto_init=centroids needs cluster.source=kmeans (centroids to start from)")
         if self.batch_size % 2:
             raise ValueError(f"config: batch_size must be even (the sampler draws image pairs), got {self.batch_size}")
         self.aug.validate()

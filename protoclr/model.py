@@ -58,10 +58,6 @@ def build_backbone(arch: str, width: int = 64, cifar_stem: bool = False) -> ResN
     return ResNet(block, layers, width, cifar_stem)
 
 
-# Temperature of the centroid-initialised prototype classifier (cosine logits / T; SwAV and DINO use 0.1).
-PROTO_T = 0.1
-
-
 class SPCLModel(nn.Module):
     """Backbone + projector Linear(C,H)-BN-ReLU-Linear(H,Dz)-BN + siamese head Linear(C,1) + classifier Linear(C,K).
 
@@ -111,7 +107,7 @@ class SPCLModel(nn.Module):
         return h, z, logits
 
     @torch.no_grad()
-    def reset_classifier(self, init: str = "random", seed: int = 0, prototypes=None) -> None:
+    def reset_classifier(self, init: str = "random", seed: int = 0) -> None:
         """Fresh prototype classifier after a re-clustering (SPEC 1.3).
 
         Args:
@@ -120,32 +116,14 @@ class SPCLModel(nn.Module):
                 the backbone gets no gradient through the classifier at first, and the first step (plain: LARS does
                 not rescale |W| = 0) sets row k ∝ Σ_{i: proto_i=k} h_i - (1/K) Σ_i h_i over the batch, so the term
                 is active within a few steps instead of after many LARS steps.
-                "centroids" = the nearest-centroid rule of the clustering as a linear map of h: with the clustering's
-                whitening y = (h - mean) @ P (mean row norm s) and centroids c_k, W_k = P c_k / (T s) and
-                b_k = -(mean @ P) · c_k / (T s), T = PROTO_T; logits ≈ cos(y, c_k) / T, so CE starts low on the
-                k-means assignment and its gradient pulls h towards its own centroid (DeepCluster-v2, SwAV use the
-                centroids as the classifier). A random classifier instead starts far from the new labels and sends
-                noise into the backbone for as long as it takes LARS to fit it (the run's whole epoch at low lr).
             seed: generator seed for "random".
-            prototypes: the `cluster.Prototypes` just computed (with centroids and whitening), for "centroids".
         """
-        if init == "centroids":
-            if prototypes is None or prototypes.centroids is None or prototypes.whitening is None:
-                raise ValueError("reset_classifier: init='centroids' needs the prototypes of a k-means clustering")
-            c = prototypes.centroids.double()  # (K, d)
-            mean, proj, norm = prototypes.whitening
-            scale = 1.0 / (PROTO_T * max(norm, 1e-12))
-            w = (c @ proj.double().T) * scale  # (K, C)
-            b = -(c @ (mean.double() @ proj.double())) * scale
-            self.classifier.weight.copy_(w)
-            self.classifier.bias.copy_(b)
-            return
         if init == "zero":
             self.classifier.weight.zero_()
             self.classifier.bias.zero_()
             return
         if init != "random":
-            raise ValueError(f"reset_classifier: init must be 'random', 'zero' or 'centroids', got {init!r}")
+            raise ValueError(f"reset_classifier: init must be 'random' or 'zero', got {init!r}")
         g = torch.Generator().manual_seed(seed)
         w = torch.empty(self.classifier.weight.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(w, a=5**0.5, generator=g)  # nn.Linear's default

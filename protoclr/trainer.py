@@ -358,7 +358,7 @@ def _train(cfg: Config) -> dict:
             protos.update(labels, torch.eye(cfg.cluster.k, device=device), epoch)
         else:
             _kmeans_prototypes(epoch)
-        raw_model.reset_classifier(cfg.loss.proto_init, seed=cfg.seed * 1_000_003 + epoch, prototypes=protos)
+        raw_model.reset_classifier(cfg.loss.proto_init, seed=cfg.seed * 1_000_003 + epoch)
         for p in raw_model.classifier.parameters():
             optimizer.state.pop(p, None)
 

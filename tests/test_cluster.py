@@ -366,29 +366,6 @@ def test_cluster_dataset_end_to_end(caplog):
     assert "epoch 3 prototypes" in caplog.text and "empty" in caplog.text
 
 
-def test_centroid_classifier_reproduces_the_clustering():
-    """proto_init='centroids': the classifier on raw features h is the k-means nearest-centroid rule in the
-    whitened space (argmax identical, logits = cos(y, c_k) / T up to the per-row |y| / mean |y|)."""
-    from protoclr.model import PROTO_T, SPCLModel
-
-    x, _ = _blobs(n_per=40, centers=6, dim=24)
-    x = x.double().abs()  # ReLU-like pooled features
-    protos = cluster.cluster_dataset(
-        nn.Flatten(), [(x, torch.arange(x.size(0)))], x.size(0), k=6, pca_dim=10, iters=10, seed=0, progress=False
-    )
-    model = SPCLModel(nn.Identity(), feat_dim=24, proj_hidden=8, proj_dim=4, num_prototypes=6).double()
-    model.reset_classifier("centroids", prototypes=protos)
-    logits = model.classifier(x)
-    white, wh = cluster.pca_whiten(x, dim=10, return_transform=True)
-    cos = white @ protos.centroids.double().T
-    norm = ((x - wh.mean) @ wh.proj).norm(dim=1, keepdim=True)
-    # the clustering saw float32 features (extract_features), hence float32 closeness
-    torch.testing.assert_close(logits * PROTO_T * wh.norm / norm, cos, rtol=1e-5, atol=1e-6)
-    assert torch.equal(logits.argmax(1), cos.argmax(1)) and torch.equal(logits.argmax(1), protos.ids)
-    with pytest.raises(ValueError, match="centroids"):
-        model.reset_classifier("centroids", prototypes=cluster.Prototypes(4))
-
-
 # ---------------------------------------------------------------------------------------- distributed
 
 
