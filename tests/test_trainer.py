@@ -481,3 +481,6 @@ def test_label_prototypes_supervised_baseline(tmp_path, small_digits):
     labels = torch.tensor(scan_image_folder(small_digits / "train").targets)
     assert torch.equal(state["prototypes"]["ids"], labels) and state["prototypes"]["epoch"] == 0  # set once
     assert res["top1"] is not None and math.isfinite(res["top1"])
+    # eval.baselines (on by default): the same kNN on raw pixels and on the random-init encoder, logged and returned
+    assert 0 < res["knn_pixels"] <= 100 and 0 < res["knn_random_init"] <= 100
+    assert "same kNN on raw pixels" in (out / "train.log").read_text()
