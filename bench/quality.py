@@ -156,15 +156,25 @@ def shared_overrides(args) -> list[str]:
     ]
 
 
+def method_overrides(method: str, args) -> list[str]:
+    """The overrides a (method, settings) runs with; part of the key that decides whether a row exists."""
+    return [*(METHODS[method] or []), *shared_overrides(args)]
+
+
+def run_name(method: str, args) -> str:
+    return method + (f"-{args.tag}" if args.tag else "")
+
+
 def run_one(method: str, seed: int, args, paths: dict[str, Path], work: Path) -> dict:
     """Train (unless raw/random) and evaluate one (method, seed); returns the JSONL row."""
     held = paths[args.split]
     py = sys.executable
-    name = method + (f"-{args.tag}" if args.tag else "")
+    name = run_name(method, args)
     run_dir = work / "runs" / args.split / f"{name}-s{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "study.log"
     shared = shared_overrides(args)
+    overrides = method_overrides(method, args)
     common = ["--data", str(paths["root"]), "--val", str(held)]
     row: dict = {"method": name, "seed": seed, "split": args.split}
     t0 = time.perf_counter()
@@ -176,9 +186,8 @@ def run_one(method: str, seed: int, args, paths: dict[str, Path], work: Path) ->
         lin = None if args.no_linear else _run([*base[:3], "linear", *base[3:], *flavour, *extra], log_path)
         row["train_seconds"] = 0.0
         row["knn_curve"] = []
-        row["overrides"] = shared
+        row["overrides"] = overrides
     else:
-        overrides = [*METHODS[method], *shared]
         cmd = [py, "train.py", "--config", args.config, "--data", str(paths["root"]), "--out", str(run_dir)]
         cmd += ["--resume", "auto", f"seed={seed}", f"data.val={held}", "progress=false", *overrides]
         res = _run(cmd, log_path)
@@ -340,9 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         done = {_key(r) for r in load_rows(results)}
         for method in args.methods:
             for seed in args.seeds if args.seeds is not None else PLAN[method]:
-                name = method + (f"-{args.tag}" if args.tag else "")
-                overrides = [*(METHODS[method] or []), *shared_overrides(args)]
-                key = (name, seed, args.split, args.train_images, tuple(overrides or ()))
+                name = run_name(method, args)
+                key = (name, seed, args.split, args.train_images, tuple(method_overrides(method, args)))
                 if key in done:
                     print(f"quality: {name} seed {seed} ({args.split}) already in {results}, skipped", flush=True)
                     continue

@@ -51,3 +51,56 @@ def test_kernels_cpu_quick_writes_jsonl(tmp_path):
         cwd=ROOT,
     )
     assert t.returncode == 0 and "| contrastive | fp32 | 48 |" in t.stdout
+
+
+def _quality():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "bench" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_summary_table_and_resume_key(tmp_path):
+    """bench/quality.py: mean ± std over seeds (latest row per seed), the README table, and the key that makes a
+    re-run skip what the JSONL already holds (the same for the row written and the plan checked)."""
+    q = _quality()
+    args = q.get_args_parser().parse_args(["--split", "val", "--", "cluster.k=50"])
+    rows = []
+    for seed, knn in [(0, 80.0), (1, 82.0), (2, 84.0), (2, 90.0)]:  # seed 2 re-run: the latest row counts
+        rows.append(
+            {
+                "method": "spcl",
+                "seed": seed,
+                "split": "val",
+                "knn_top1": knn,
+                "linear_top1": knn - 1,
+                "train_seconds": 60.0,
+                "knn_curve": [[2, knn - 5], [4, knn]],
+                "train_images": args.train_images,
+                "overrides": q.method_overrides("spcl", args),
+            }
+        )
+    rows.append(
+        {
+            "method": "raw",
+            "seed": 0,
+            "split": "val",
+            "knn_top1": 81.0,
+            "linear_top1": None,
+            "train_seconds": 0.0,
+            "overrides": q.method_overrides("raw", args),
+        }
+    )
+    rows.append({"method": "raw", "seed": 0, "split": "test", "knn_top1": 1.0, "train_seconds": 0.0})
+    summary = {s["method"]: s for s in q.summarise(rows, "val")}
+    assert summary["spcl"]["knn"] == [80.0, 82.0, 90.0]
+    assert abs(summary["spcl"]["knn_mean"] - 84.0) < 1e-9 and abs(summary["spcl"]["knn_std"] - 5.2915026) < 1e-6
+    assert summary["raw"]["knn_mean"] == 81.0 and summary["raw"]["linear_mean"] is None
+    text = q.table(list(summary.values()))
+    assert "| spcl | 3 | 80.00 / 82.00 / 90.00 | 84.00 ± 5.29 | 83.00 ± 5.29 |" in text and "| raw | 1 |" in text
+    assert "cluster.k=50" in q.method_overrides("simclr", args) and "data.subset=0" in q.method_overrides("raw", args)
+    planned = (q.run_name("spcl", args), 0, "val", args.train_images, tuple(q.method_overrides("spcl", args)))
+    assert q._key(rows[0]) == planned
+    assert q.plot(q.summarise(rows, "val"), "val", tmp_path).is_file()
