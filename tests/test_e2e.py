@@ -107,8 +107,15 @@ def test_cli_help_and_errors(tmp_path, capsys):
         cli.main(["--out", str(tmp_path), "optim.base_rl=0.1"])
     assert e.value.code == 2
     assert "unknown key 'optim.base_rl'; did you mean 'optim.base_lr'" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    # user errors found while the run starts (missing data, a setting that contradicts the data) are one line
+    with pytest.raises(SystemExit) as e:
         cli.main(["--out", str(tmp_path), "--data", str(tmp_path / "missing"), *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "does not exist" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(tmp_path / "sup"), *TINY, "cluster.source=labels"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "set cluster.k=10" in err and len(err.splitlines()) == 1
     from protoclr.eval.__main__ import main as eval_main
 
     with pytest.raises(SystemExit) as e:
