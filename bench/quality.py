@@ -33,6 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's protoclr, also when it is not the installed one
 RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 PRESET = ROOT / "configs" / "fmnist.yaml"
 
@@ -93,7 +94,6 @@ def work_dir(arg: str | None) -> Path:
 def prepare_splits(work: Path, n_train: int, n_val: int) -> dict[str, Path]:
     """Folders of symlinks into the Fashion-MNIST export: split/train (n_train), split/val (n_val), both
     class-stratified and disjoint, fixed (seed 0) whatever the training seed; plus the official test folder."""
-    sys.path.insert(0, str(ROOT))
     from protoclr.data import fmnist, scan_image_folder, stratified_subset
 
     export = fmnist.export_fmnist()
@@ -214,7 +214,6 @@ def run_one(method: str, seed: int, args, paths: dict[str, Path], work: Path) ->
 
 
 def _git_sha() -> str:
-    sys.path.insert(0, str(ROOT))
     from protoclr.trainer import git_sha
 
     return git_sha()
@@ -269,7 +268,7 @@ def summarise(rows: list[dict], split: str) -> list[dict]:
     order = {m: i for i, m in enumerate(METHODS)}
     out.sort(
         key=lambda s: (
-            order.get(s["method"].split("-")[0] if s["method"] not in order else s["method"], 99),
+            order.get(s["method"], order.get(s["method"].split("-")[0], 99)),
             s["method"],
         )
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -91,3 +93,14 @@ def tolerance(backend: str, device: str, dtype: torch.dtype) -> float:
 
 def interpreting_triton(backend: str, device) -> bool:
     return backend == "triton" and str(device) == "cpu"
+
+
+def file_tree(root) -> dict[str, tuple[int, int, int]]:
+    """{relative path: (inode, mtime_ns, size)} of every file under root: equal before and after an operation
+    means it wrote nothing (an idempotent export)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(dirpath, f))
+            out[os.path.relpath(os.path.join(dirpath, f), root)] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import file_tree
 from PIL import Image
 
 from protoclr.data import (
@@ -23,15 +24,6 @@ from protoclr.data import (
 @pytest.fixture(scope="module")
 def digits_root(tmp_path_factory):
     return digits.export_digits(tmp_path_factory.mktemp("cache") / "digits")
-
-
-def _tree(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            st = os.stat(os.path.join(dirpath, f))
-            out[os.path.relpath(os.path.join(dirpath, f), root)] = (st.st_ino, st.st_mtime_ns, st.st_size)
-    return out
 
 
 def test_layout_and_split(digits_root):
@@ -74,9 +66,9 @@ def test_images_are_32px_rgb_png_matching_sklearn(digits_root):
 
 
 def test_export_is_idempotent(digits_root):
-    before = _tree(digits_root)
+    before = file_tree(digits_root)
     assert digits.export_digits(digits_root) == digits_root
-    assert _tree(digits_root) == before, "a second export must write nothing"
+    assert file_tree(digits_root) == before, "a second export must write nothing"
     assert not [p for p in os.listdir(digits_root.parent) if ".tmp-" in p or ".old-" in p]
 
 

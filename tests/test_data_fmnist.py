@@ -17,20 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import file_tree
 from PIL import Image
 
 from protoclr import config
 from protoclr.data import ImageDataset, export, fmnist, scan_image_folder, stratified_subset
 from protoclr.eval import load_splits
-
-
-def _tree(root: Path) -> dict:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            st = os.stat(os.path.join(dirpath, f))
-            out[os.path.relpath(os.path.join(dirpath, f), root)] = (st.st_ino, st.st_mtime_ns, st.st_size)
-    return out
 
 
 def _index(path: str) -> int:
@@ -92,11 +84,11 @@ def test_real_pixels_and_labels_equal_the_idx_bytes(real):
 def test_real_second_export_writes_nothing(real, monkeypatch):
     root, _ = real
     marker = root / ".protoclr_fmnist.json"
-    before, mtime = _tree(root), marker.stat().st_mtime_ns
+    before, mtime = file_tree(root), marker.stat().st_mtime_ns
     monkeypatch.setattr(fmnist, "find_idx_dir", lambda *a, **k: pytest.fail("a finished export needs no IDX files"))
     assert fmnist.export_fmnist(cache_dir=root) == root
     assert marker.stat().st_mtime_ns == mtime
-    assert _tree(root) == before
+    assert file_tree(root) == before
 
 
 def test_real_load_splits_subset(real, monkeypatch):
