@@ -58,9 +58,10 @@ METHODS: dict[str, list[str] | None] = {
     "spcl-mask": [*SPEC_SPCL, "cluster.start_epoch=0", "loss.fn_mode=mask"],
     "spcl-attract": [*SPEC_SPCL, "cluster.start_epoch=0", "loss.fn_mode=attract"],
     "spcl": [],
+    "spcl-bank": ["cluster.features=bank"],  # protoclr's SPCL clustering the training forward's features (no pass)
 }
-# The study: 3 seeds for SimCLR and protoclr's SPCL (the claim), 1 for the rest.
-PLAN = {m: ([0, 1, 2] if m in ("simclr", "spcl") else [0]) for m in METHODS}
+# The study: 3 seeds for SimCLR and protoclr's SPCL (the claim) and for SPCL with the feature bank, 1 for the rest.
+PLAN = {m: ([0, 1, 2] if m in ("simclr", "spcl", "spcl-bank") else [0]) for m in METHODS}
 
 
 def get_args_parser() -> argparse.ArgumentParser:

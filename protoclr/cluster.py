@@ -10,6 +10,9 @@ Once per epoch the trainer calls `cluster_dataset`, which chains:
    argmax-to-centroid logic lives), empty clusters re-seeded by splitting the largest one (as faiss does).
 4. `Prototypes.update`: one prototype id per image, kept for the M-step and saved in checkpoints.
 
+`cluster_bank` is the same chain on a `FeatureBank` (cluster.features=bank): the features the training forward
+computed during the epoch, index-aligned the same way, instead of step 1's second pass over the data.
+
 Distributed (SPEC §4), when a process group is initialised: each rank encodes its shard of the dataset and
 the features are summed back into index order, so every rank holds the same (num_images, D) matrix; k-means
 then gives each rank a contiguous block of rows (or takes pre-sharded rows, `sharded=True`) and all-reduces
@@ -32,7 +35,9 @@ from torch import nn
 from . import dist, ops
 
 __all__ = [
+    "FeatureBank",
     "Prototypes",
+    "cluster_bank",
     "cluster_dataset",
     "cluster_stats",
     "extract_features",
@@ -311,8 +316,9 @@ def pca_whiten(
     acc = _acc_dtype(x.dtype)
     mean, w = _pca_fit(x, dim, float(power), cov_dtype)
     w = w.to(acc)
-    # x @ W - mean @ W: no centred (N, D) copy of x.
-    y = x.to(acc) @ w - (mean @ w.to(cov_dtype)).to(acc)  # (N, d)
+    # x @ W - mean @ W: no centred (N, D) copy of x, and no float32 copy of half-precision x (row chunks).
+    rows = max(1, _CHUNK_ELEMS // x.size(1))
+    y = torch.cat([xs.to(acc) @ w for xs in x.split(rows)]) - (mean @ w.to(cov_dtype)).to(acc)  # (N, d)
     return F.normalize(y, dim=1)
 
 
@@ -694,6 +700,112 @@ class Prototypes:
         self.stats = cluster_stats(self.ids, self.k) if self.centroids is not None else {}
 
 
+# ------------------------------------------------------------------------------------------ FeatureBank
+
+
+class FeatureBank:
+    """Index-aligned features of the training forward pass: the E-step's input without a second pass over the
+    data (cluster.features=bank; DeepCluster-v2 / SwAV keep such a memory too).
+
+    Row i is the mean over the views of image i's pooled feature h as the training forward computed it
+    (augmented views, train-mode BatchNorm), detached. The mean rather than the first view: it averages the
+    augmentation noise out, as the pass's centre crop avoids it, for the same memory and one add per step.
+
+    Sharding is that of `extract_features`: each rank adds the images of its own batches to its own (N, D)
+    tensor (zeros elsewhere) and `gather` sums the tensors over ranks in place, which is exact in any dtype
+    because a row is written on one rank only (x + 0 = x); every rank then holds the same index-ordered matrix
+    and `kmeans` works on a contiguous block of it per rank. An index met several times in an epoch (a corrupt
+    file's substitute in its batch, a same-prototype pair drawn twice) is averaged over its count; an index
+    never met (the rest `drop_last` leaves, a corrupt file) is absent and gets no prototype (-1).
+
+    Memory: N·D elements of `dtype` per rank plus N int32 counts. The trainer uses the forward's own dtype
+    (bf16 under bf16 autocast, whose h is bf16 already; fp32 or fp64 otherwise).
+
+    Attributes:
+        feats: (N, D) sum of the view means written this epoch on this rank (summed over ranks after `gather`).
+        counts: (N,) int32 times each index was written.
+        epoch: the epoch being collected (set by `reset`), None when the bank collects nothing.
+    """
+
+    def __init__(
+        self, num_images: int, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> None:
+        _check_int("FeatureBank", "num_images", num_images, 1)
+        _check_int("FeatureBank", "dim", dim, 1)
+        if dtype not in _FLOAT_DTYPES:
+            _fail("FeatureBank", f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+        self.feats = torch.zeros(num_images, dim, dtype=dtype, device=device)
+        self.counts = torch.zeros(num_images, dtype=torch.int32, device=device)
+        self.epoch: int | None = None
+
+    @property
+    def num_images(self) -> int:
+        return self.feats.size(0)
+
+    def __repr__(self) -> str:
+        d, dtype = self.feats.size(1), self.feats.dtype
+        return f"FeatureBank(num_images={self.num_images}, dim={d}, {dtype}, epoch={self.epoch})"
+
+    def reset(self, epoch: int | None) -> None:
+        """Empty the bank and start collecting `epoch` (None: collect nothing)."""
+        self.feats.zero_()
+        self.counts.zero_()
+        self.epoch = epoch
+
+    @torch.no_grad()
+    def add(self, index: torch.Tensor, h: torch.Tensor) -> None:
+        """Write the view mean of h (V·B, D), view-major (view v of image b is row v·B + b, as the trainer's
+        forward lays them out), to the rows `index` (B,) int64 (on the bank's device)."""
+        b, d = index.numel(), self.feats.size(1)
+        if h.dim() != 2 or b == 0 or h.size(0) % b or h.size(1) != d:
+            _fail("FeatureBank.add", f"h must be (V·B, D) with B={b} (index) and D={d}, got {tuple(h.shape)}")
+        mean = h.detach().view(-1, b, d).mean(0)  # in h's dtype (fp32 after the trainer's cast), then rounded once
+        self.feats.index_add_(0, index, mean.to(self.feats.dtype))
+        self.counts.index_add_(0, index, torch.ones_like(index, dtype=torch.int32))
+
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, D), present (N,) bool) of the collected epoch, identical on every rank: a collective under
+        a process group. Sums over ranks in place (no copy of the bank) and ends the collection (epoch = None)."""
+        if dist.is_dist():
+            torch.distributed.all_reduce(self.feats)
+            torch.distributed.all_reduce(self.counts)
+        self.epoch = None
+        if int(self.counts.max()) > 1:
+            self.feats /= self.counts.clamp(min=1)[:, None].to(self.feats.dtype)
+        return self.feats, self.counts > 0
+
+    def state_dict(self) -> dict:
+        """The rows met so far in this epoch, summed over ranks (a collective: every rank calls it), on the CPU:
+        {"epoch", "index" (M,), "feats" (M, D), "counts" (M,)}. For mid-epoch checkpoints: with `load_state_dict`
+        a resumed epoch gathers bitwise the bank of an uninterrupted one."""
+        feats, counts = dist.all_reduce_sum(self.feats), dist.all_reduce_sum(self.counts)
+        index = counts.nonzero().flatten()
+        return {"epoch": self.epoch, "index": index.cpu(), "feats": feats[index].cpu(), "counts": counts[index].cpu()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore `state_dict()`: rank 0 holds the saved rows, the other ranks none, so the sum over ranks at
+        `gather` is the same whatever the world size.
+
+        Raises:
+            ValueError: missing keys, or rows of another dataset size or feature width.
+        """
+        fn = "FeatureBank.load_state_dict"
+        keys = {"epoch", "index", "feats", "counts"}
+        if not isinstance(state, Mapping) or set(state) != keys:
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            _fail(fn, f"state must hold exactly the keys {sorted(keys)}, got {got}")
+        index, feats = state["index"], state["feats"]
+        if index.numel() and int(index.max()) >= self.num_images:
+            _fail(fn, f"index reaches {int(index.max())} but num_images={self.num_images}: the dataset changed size")
+        if feats.shape != (index.numel(), self.feats.size(1)):
+            _fail(fn, f"feats must be ({index.numel()}, {self.feats.size(1)}), got {tuple(feats.shape)}")
+        self.reset(int(state["epoch"]))
+        if dist.get_rank() == 0:
+            index = index.to(self.feats.device)
+            self.feats[index] = feats.to(self.feats)
+            self.counts[index] = state["counts"].to(self.counts)
+
+
 # ---------------------------------------------------------------------------------------------- pipeline
 
 
@@ -727,11 +839,66 @@ def cluster_dataset(
     """
     t0 = time.perf_counter()
     feats = extract_features(encoder, loader, num_images, device, progress=progress)
+    return _cluster(
+        feats, None, "features", time.perf_counter() - t0, k=k, pca_dim=pca_dim, power=power, iters=iters, seed=seed,
+        epoch=epoch, prototypes=prototypes, backend=backend, progress=progress,
+    )  # fmt: skip
+
+
+def cluster_bank(
+    bank: FeatureBank,
+    *,
+    k: int,
+    pca_dim: int = 256,
+    power: float = -0.5,
+    iters: int = 20,
+    seed: int = 0,
+    epoch: int = -1,
+    prototypes: Prototypes | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> Prototypes:
+    """The E-step on the features a `FeatureBank` collected (a collective under a process group): `gather` ->
+    pca_whiten -> kmeans -> Prototypes.update, fitted on the images present in the bank only. Absent images
+    (never met in the collected epoch) get id -1: no prototype for the next epoch (the sampler puts them in
+    cross pairs, the loss treats them as unclustered). Arguments as `cluster_dataset`; the bank is consumed."""
+    t0 = time.perf_counter()
+    feats, present = bank.gather()
+    return _cluster(
+        feats, present, "bank", time.perf_counter() - t0, k=k, pca_dim=pca_dim, power=power, iters=iters, seed=seed,
+        epoch=epoch, prototypes=prototypes, backend=backend, progress=progress,
+    )  # fmt: skip
+
+
+def _cluster(
+    feats: torch.Tensor,
+    present: torch.Tensor | None,
+    source: str,
+    t_feats: float,
+    *,
+    k: int,
+    pca_dim: int,
+    power: float,
+    iters: int,
+    seed: int,
+    epoch: int,
+    prototypes: Prototypes | None,
+    backend: str,
+    progress: bool,
+) -> Prototypes:
+    """pca_whiten -> kmeans -> Prototypes.update on the rows of feats (N, D) where `present` (None = all)."""
     t1 = time.perf_counter()
-    white = pca_whiten(feats, dim=pca_dim, power=power)
-    del feats
+    num_images = feats.size(0)
+    n_absent = 0 if present is None else num_images - int(present.sum())
+    x = feats if not n_absent else feats[present]
+    white = pca_whiten(x, dim=pca_dim, power=power)
+    del feats, x
     centroids, assignments, inertia = kmeans(white, k, iters=iters, seed=seed, backend=backend, progress=progress)
     t2 = time.perf_counter()
+    if n_absent:
+        ids = torch.full((num_images,), -1, dtype=torch.int64, device=assignments.device)
+        ids[present.to(ids.device)] = assignments
+        assignments = ids
     if prototypes is None:
         prototypes = Prototypes(num_images, device=assignments.device)
     elif prototypes.num_images != num_images:
@@ -740,16 +907,18 @@ def cluster_dataset(
     s = prototypes.stats
     log.info(
         "epoch %d prototypes: k=%d inertia %.6g (%.4f per image) | sizes min %d max %d mean %.1f, %d empty | "
-        "features %.1fs, whiten+k-means %.1fs",
+        "%s %.1fs, whiten+k-means %.1fs%s",
         epoch,
         k,
         inertia,
-        inertia / num_images,
+        inertia / (num_images - n_absent),
         s["size_min"],
         s["size_max"],
         s["size_mean"],
         s["empty"],
-        t1 - t0,
+        source,
+        t_feats,
         t2 - t1,
+        f" | {n_absent} images absent from the bank (id -1)" if n_absent else "",
     )
     return prototypes

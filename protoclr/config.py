@@ -153,6 +153,13 @@ class ClusterConfig:
         "prototypes: 'kmeans' (SPEC §1 E-step) or 'labels' (the class labels, fixed: an oracle for ablations; with "
         "loss.lambda_con=0 loss.lambda_sia=0 it is the supervised baseline; cluster.k must be the class count)",
     )
+    features: str = _f(
+        "pass",
+        "what k-means clusters: 'pass' = a second forward pass over the training set with the eval transform at each "
+        "E-step; 'bank' = the training forward's own pooled features (mean over the views), kept in an index-aligned "
+        "bank during the epoch before each E-step, so no second pass (the first E-step, and one after a resume without "
+        "the bank, still makes the pass; README 'Feature bank')",
+    )
 
 
 @dataclass
@@ -228,6 +235,7 @@ class Config:
             "loss.proto_init": ("random", "zero"),
             "loss.pairs": ("dense", "paper"),
             "cluster.source": ("kmeans", "labels"),
+            "cluster.features": ("pass", "bank"),
             "loss.backend": ("auto", "reference", "cpu", "cuda", "triton"),
             "optim.name": ("lars", "sgd"),
             "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),

@@ -85,6 +85,7 @@ def step_loss(
     cfg: Config,
     distributed: bool,
     autocast=None,
+    bank: cluster.FeatureBank | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The objective of one step on this rank's batch (SPEC 1.3): (loss, L_proto, stats of `ops.spcl_loss`).
 
@@ -93,6 +94,7 @@ def step_loss(
         views: V tensors (B, 3, H, W); index: (B,) int64 dataset ids; proto_table: (num_images,) prototype ids.
         cfg: the run's Config (loss section). distributed: gather columns / global normalisers (SPEC §4).
         autocast: context manager for the forward (bf16 on CUDA), None = none.
+        bank: FeatureBank that collects the pooled features h of this batch (cluster.features=bank), or None.
 
     Under DDP the returned loss has the global value and, after DDP's gradient averaging, the global gradient.
     """
@@ -102,6 +104,8 @@ def step_loss(
     with autocast if autocast is not None else nullcontext():
         h, z, logits = model(views)  # (N, C), (N, Dz) fp32, (N, K)
     h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+    if bank is not None:
+        bank.add(index, h)
     loss_spcl, stats = ops.spcl_loss(
         z,
         h,
@@ -249,6 +253,13 @@ def _train(cfg: Config) -> dict:
         optimizer, lr, cfg.optim.final_lr, total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch)
     )
     protos = cluster.Prototypes(len(train_ds), device)
+    # cluster.features=bank: each E-step clusters the features the training forward computed in the epoch before
+    # it, in the forward's own dtype (README "Feature bank").
+    bank = (
+        cluster.FeatureBank(len(train_ds), raw_model.feat_dim, amp_dtype or param_dtype, device)
+        if cfg.cluster.features == "bank" and cfg.cluster.source == "kmeans"
+        else None
+    )
     log.info(
         "optim: %s, lr %.4g (= %g x %d / 256), %d warm-up steps, %d steps (%d epochs x %d steps/epoch)%s",
         cfg.optim.name,
@@ -277,6 +288,11 @@ def _train(cfg: Config) -> dict:
         protos.load_state_dict(state["prototypes"])
         sampler.load_state_dict(state["sampler"])
         start_epoch, global_step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+        if bank is not None and step_in_epoch:
+            if (state.get("bank") or {}).get("epoch") == start_epoch:
+                bank.load_state_dict(state["bank"])
+            else:
+                log.info("resume: no feature bank of epoch %d in the checkpoint; its E-step makes a pass", start_epoch)
         rngs, loaders = state["rng"], state.get("loader", [])
         if len(rngs) == world:
             checkpoint.set_rng_state(rngs[rank], device)
@@ -322,6 +338,8 @@ def _train(cfg: Config) -> dict:
     def save_checkpoint(epoch: int, pos: int) -> Path:
         """Checkpoint meaning "epoch `epoch`, `pos` steps of it done"; every rank joins (RNG states)."""
         rngs, loaders = zip(*dist.all_gather_object((checkpoint.rng_state(device), loader.state_dict())))
+        # The bank only mid-epoch (at most N·D; a collective): at a boundary the E-step has already used it.
+        bank_state = bank.state_dict() if bank is not None and pos and bank.epoch == epoch else None
         path = out / checkpoint.LATEST
         if main:
             state = {
@@ -330,6 +348,7 @@ def _train(cfg: Config) -> dict:
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(),
                 "prototypes": protos.state_dict(),
+                "bank": bank_state,
                 "sampler": sampler.state_dict(),
                 "rng": list(rngs),
                 "loader": list(loaders),
@@ -363,20 +382,24 @@ def _train(cfg: Config) -> dict:
             optimizer.state.pop(p, None)
 
     def _kmeans_prototypes(epoch: int) -> None:
-        cluster.cluster_dataset(
-            raw_model.backbone,
-            cluster_loader,
-            len(train_ds),
+        kw = dict(
             k=cfg.cluster.k,
             pca_dim=min(cfg.cluster.pca_dim, raw_model.feat_dim),
             iters=cfg.cluster.iters,
             seed=cfg.seed + epoch,
-            device=device,
             epoch=epoch,
             prototypes=protos,
             backend=cfg.loss.backend,
             progress=cfg.progress,
         )
+        if bank is not None and bank.epoch is not None and bank.epoch == epoch - 1:  # all of the previous epoch
+            cluster.cluster_bank(bank, **kw)
+        else:
+            cluster.cluster_dataset(raw_model.backbone, cluster_loader, len(train_ds), device=device, **kw)
+
+    def recluster_due(epoch: int) -> bool:
+        since = epoch - cfg.cluster.start_epoch
+        return since >= 0 and since % cfg.cluster.recluster_every == 0
 
     def knn() -> float | None:
         if val_ds is None:
@@ -397,9 +420,13 @@ def _train(cfg: Config) -> dict:
         resumed_mid_epoch = epoch == start_epoch and step_in_epoch > 0
         if not resumed_mid_epoch:
             step_in_epoch = 0
-            since = epoch - cfg.cluster.start_epoch
-            if since >= 0 and since % cfg.cluster.recluster_every == 0:
+            # With the bank the E-step of this epoch ran at the end of the previous one (then protos.epoch == epoch);
+            # here it runs the pass: always with cluster.features=pass, else for the first E-step or after a resume.
+            if recluster_due(epoch) and protos.epoch != epoch:
                 recluster(epoch)
+            if bank is not None:  # collect this epoch's features only when the next epoch re-clusters
+                bank.reset(epoch if recluster_due(epoch + 1) and epoch + 1 < cfg.epochs else None)
+        collect = bank if bank is not None and bank.epoch == epoch else None
         sampler.set_epoch(epoch)
         sampler.set_prototypes(protos.ids if protos.k else None)
         proto_table = protos.ids.to(device)
@@ -413,7 +440,9 @@ def _train(cfg: Config) -> dict:
             # ---- forward ----
             if param_dtype != torch.float32:
                 views = [v.to(param_dtype) for v in views]
-            loss, l_proto, st = step_loss(model, raw_model.head, views, index, proto_table, cfg, distributed, autocast)
+            loss, l_proto, st = step_loss(
+                model, raw_model.head, views, index, proto_table, cfg, distributed, autocast, collect
+            )
             # ---- backward ----
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -516,6 +545,9 @@ def _train(cfg: Config) -> dict:
 
         # ---- end of epoch (or a mid-epoch stop) ----
         epoch_done = step_in_epoch >= steps_per_epoch
+        if epoch_done and collect is not None:
+            # The next epoch's E-step from the bank, before the boundary checkpoint, which then need not hold it.
+            recluster(epoch + 1)
         meters.synchronize_between_processes()
         avg = meters.global_avg()
         last = epoch == cfg.epochs - 1
