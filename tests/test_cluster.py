@@ -366,6 +366,82 @@ def test_cluster_dataset_end_to_end(caplog):
     assert "epoch 3 prototypes" in caplog.text and "empty" in caplog.text
 
 
+# ------------------------------------------------------------------------------------------ feature bank
+
+
+def _views_of(feats: torch.Tensor, index: torch.Tensor, offset: float = 1.5) -> torch.Tensor:
+    """(2·B, D) view-major rows whose view mean is exactly feats[index] (integer-valued feats: exact in float)."""
+    f = feats[index]
+    return torch.cat([f + offset, f - offset])
+
+
+def test_feature_bank_view_mean_duplicates_and_absent():
+    feats = torch.arange(30, dtype=torch.float32).view(10, 3) - 7  # row i: a function of i only
+    bank = cluster.FeatureBank(10, 3)
+    bank.reset(4)
+    # Loader order, not index order; index 6 twice in one batch (a corrupt file's substitute); 2, 5 and 8 never met.
+    for index in (torch.tensor([3, 9, 0]), torch.tensor([6, 1, 6]), torch.tensor([7, 4])):
+        bank.add(index, _views_of(feats, index))
+    got, present = bank.gather()
+    assert bank.epoch is None and present.tolist() == [i not in (2, 5, 8) for i in range(10)]
+    assert torch.equal(got[present], feats[present]) and bank.counts[6] == 2
+    with pytest.raises(ValueError, match="must be"):
+        bank.add(torch.tensor([0, 1]), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="dtype"):
+        cluster.FeatureBank(10, 3, dtype=torch.int64)
+
+
+def test_feature_bank_checkpoint_round_trip_is_exact():
+    """A bank saved mid-epoch and loaded into a fresh one gathers bitwise what the uninterrupted bank gathers."""
+    g = torch.Generator().manual_seed(0)
+    h = [torch.randn(8, 5, generator=g) for _ in range(4)]
+    index = torch.randperm(20, generator=g)[:16].view(4, 4)
+    index[3, 0] = index[0, 1]  # an image met again after the checkpoint
+    straight, first = cluster.FeatureBank(20, 5), cluster.FeatureBank(20, 5)
+    straight.reset(2)
+    first.reset(2)
+    for b in range(4):
+        straight.add(index[b], h[b])
+    for b in range(2):
+        first.add(index[b], h[b])
+    state = first.state_dict()
+    assert state["epoch"] == 2 and state["feats"].shape == (8, 5)
+    resumed = cluster.FeatureBank(20, 5)
+    resumed.load_state_dict(state)
+    for b in range(2, 4):
+        resumed.add(index[b], h[b])
+    (fa, pa), (fb, pb) = straight.gather(), resumed.gather()
+    assert torch.equal(fa, fb) and torch.equal(pa, pb)
+    with pytest.raises(ValueError, match="dataset changed size"):
+        cluster.FeatureBank(6, 5).load_state_dict(state)
+    with pytest.raises(ValueError, match="feats must be"):
+        cluster.FeatureBank(20, 4).load_state_dict(state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cluster_bank_absent_images_get_no_prototype(dtype, caplog):
+    """Images the epoch never met (drop_last's rest, a skipped corrupt file) are left out of PCA and k-means and
+    get id -1; the others are clustered as the pass would cluster the same features."""
+    x, labels = _blobs(n_per=30, centers=4, dim=12)
+    absent = torch.tensor([5, 17, 64, 119])
+    bank = cluster.FeatureBank(x.size(0), 12, dtype=dtype)
+    bank.reset(0)
+    order = torch.randperm(x.size(0), generator=torch.Generator().manual_seed(1))
+    order = order[~torch.isin(order, absent)]
+    for index in order.split(16):
+        bank.add(index, torch.cat([x[index], x[index]]))
+    with caplog.at_level("INFO", logger="protoclr.cluster"):
+        protos = cluster.cluster_bank(bank, k=4, pca_dim=8, iters=10, seed=0, epoch=1, progress=False)
+    present = ~torch.isin(torch.arange(x.size(0)), absent)
+    assert protos.epoch == 1 and (protos.ids == -1).nonzero().flatten().tolist() == absent.tolist()
+    assert _same_partition(protos.ids[present], labels[present])
+    assert "4 images absent from the bank" in caplog.text
+    if dtype == torch.float32:  # the same rows through the pass's chain give the same clustering
+        white = cluster.pca_whiten(x[present], dim=8)
+        c, a, _ = cluster.kmeans(white, 4, iters=10, seed=0)
+        assert torch.equal(protos.ids[present], a) and torch.equal(protos.centroids, c)
+
+
 # ---------------------------------------------------------------------------------------- distributed
 
 
@@ -424,6 +500,79 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     expected = _expected_features(ds, _encoder())
     for r in range(world):
         torch.testing.assert_close(got[r]["feats"], expected, rtol=1e-5, atol=1e-6)
+
+
+def _bank_problem():
+    """203 images whose features are 4 blobs (rounded to 1/64: view means stay exact) and a shuffling, sharded
+    pair sampler: 2 ranks x 24 images per batch, 8 batches an epoch, 11 images left over by drop_last."""
+    from protoclr.data import PrototypePairSampler
+
+    x, labels = _blobs(n_per=51, centers=4, dim=6, spread=0.3)
+    x, labels = (x[:203] * 64).round() / 64, labels[:203]
+    ids = torch.arange(203) % 5  # stale prototype ids: the plan pairs images across the whole dataset
+
+    def sampler(rank):
+        s = PrototypePairSampler(203, 24, num_replicas=2, rank=rank, seed=3)
+        s.set_epoch(2)
+        s.set_prototypes(ids)
+        return s
+
+    return x, labels, sampler
+
+
+def _bank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        x, _, sampler = _bank_problem()
+        batches = [torch.tensor(b) for b in sampler(rank)]
+        bank = cluster.FeatureBank(x.size(0), x.size(1))
+        bank.reset(2)
+        for b in batches[:3]:
+            bank.add(b, _views_of(x, b, offset=0.25))
+        # A mid-epoch checkpoint (a collective) and a resumed bank on each rank: rank 0 holds the saved rows.
+        resumed = cluster.FeatureBank(x.size(0), x.size(1))
+        resumed.load_state_dict(bank.state_dict())
+        for b in batches[3:]:
+            bank.add(b, _views_of(x, b, offset=0.25))
+            resumed.add(b, _views_of(x, b, offset=0.25))
+        res = {"seen": torch.cat(batches), "resumed": resumed.gather()}
+        res["feats"], res["present"] = (t.clone() for t in bank.gather())
+        bank.reset(2)
+        for b in batches:
+            bank.add(b, _views_of(x, b, offset=0.25))
+        res["ids"] = cluster.cluster_bank(bank, k=4, pca_dim=4, iters=8, seed=5, epoch=3, progress=False).ids
+        torch.save(res, os.path.join(out_dir, f"bank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_feature_bank_two_ranks_index_aligned(tmp_path):
+    """Under a shuffled pair sampler sharded over 2 gloo ranks, the gathered bank holds image i's view mean in row
+    i on every rank, the images no rank met are absent, a bank resumed from a mid-epoch state gathers the same
+    bits, and the distributed E-step equals one process clustering the same rows."""
+    world = 2
+    mp.spawn(_bank_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    got = [torch.load(tmp_path / f"bank{r}.pt") for r in range(world)]
+    x, labels, sampler = _bank_problem()
+    seen = torch.cat([got[0]["seen"], got[1]["seen"]])
+    assert seen.unique().numel() == seen.numel() == 192  # disjoint shards, each image at most once
+    present = torch.zeros(x.size(0), dtype=torch.bool)
+    present[seen] = True
+    assert not torch.equal(got[0]["seen"].sort().values, torch.arange(96))  # shuffled, not a block of indices
+    for r in range(world):
+        assert torch.equal(got[r]["present"], present)
+        assert torch.equal(got[r]["feats"][present], x[present]), "row i must hold image i's features"
+        assert not got[r]["feats"][~present].any()
+        assert torch.equal(got[r]["resumed"][0], got[r]["feats"]) and torch.equal(got[r]["resumed"][1], present)
+    assert torch.equal(got[0]["ids"], got[1]["ids"])
+    bank = cluster.FeatureBank(x.size(0), x.size(1))
+    bank.reset(2)
+    bank.add(torch.nonzero(present).flatten(), torch.cat([x[present], x[present]]))
+    one = cluster.cluster_bank(bank, k=4, pca_dim=4, iters=8, seed=5, epoch=3, progress=False).ids
+    assert torch.equal(got[0]["ids"], one) and (one[~present] == -1).all()
+    assert _same_partition(one[present], labels[present])
 
 
 # ------------------------------------------------------------------------------------------------- GPU
