@@ -6,7 +6,9 @@
     srun python train.py ...                               # SLURM: one task per GPU
     python train.py --resume auto optim.base_lr=0.5        # continue the run in --out; key=value overrides
 
-The last line printed is one JSON object with the final kNN "top1" (percent) on the held-out split.
+The last line printed is one JSON object with the final kNN "top1" (percent) on the held-out split. A user error
+(a bad setting, data folder, --out or checkpoint) ends with one line on stderr and exit code 2; --debug shows its
+traceback.
 The training loop itself is protoclr/trainer.py; every key and its default is protoclr/config.py.
 """
 
@@ -16,8 +18,9 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from protoclr import config
+from protoclr import cli, config
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,12 +73,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="device: auto = CUDA when available (rank r uses cuda:LOCAL_RANK)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.base_lr=0.5")
+    cli.add_debug_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = get_args_parser()
     args = parser.parse_intermixed_args(argv)
+    return cli.run(parser.prog, lambda: _main(args), args.debug)
+
+
+def _main(args: argparse.Namespace) -> dict:
     named = {
         **(config.data_flag(args.data) if args.data is not None else {}),
         "out": args.out,
@@ -85,20 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
         "resume": args.resume,
         "device": args.device,
     }
-    try:
-        cfg = config.resolve(args.config or config.DEFAULT_PRESET, named, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    cfg = config.resolve(args.config or config.DEFAULT_PRESET, named, args.overrides)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out!r} is a file; pass a folder for the checkpoints and logs")
     from protoclr.trainer import train
 
-    try:
-        result = train(cfg)
-    except FileNotFoundError as e:  # missing data: the message says how to get it
-        parser.exit(2, f"train.py: error: {e}\n")
-    except ValueError as e:
-        if not str(e).startswith("config"):  # a user's setting; anything else keeps its traceback
-            raise
-        parser.exit(2, f"train.py: error: {e}\n")
+    result = train(cfg)
     if os.environ.get("RANK", "0") == "0":  # torchrun / SLURM (set by init_distributed_mode) rank
         print(json.dumps(result), flush=True)
     return result

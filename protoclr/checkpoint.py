@@ -5,22 +5,30 @@ model (the unwrapped module: no DDP `module.` / torch.compile `_orig_mod.` prefi
 scaler, prototypes, sampler, rng and loader (per rank; the loader's is the DALI pipeline's random state when saved
 mid-epoch), epoch, step, step_in_epoch, config (nested dict) and config_yaml.
 `checkpoint.pth` in the output folder is always the latest; `checkpoint{epoch:04}.pth` copies are kept on request.
+Files are written atomically (`atomic_write`) through `.<name>.<random>.tmp` temporaries that a crash can leave
+behind; they are removed after the next successful write of that name and by `remove_stale_temporaries`.
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import random
-import tempfile
+import secrets
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
+    "KEYS",
     "LATEST",
+    "atomic_write",
+    "remove_stale_temporaries",
     "find_latest",
     "load",
     "resolve_resume",
@@ -33,6 +41,10 @@ __all__ = [
 ]
 
 LATEST = "checkpoint.pth"
+# What every reader needs; a file without them is not a protoclr checkpoint (train.py writes all the above).
+KEYS = ("model", "config", "epoch", "step")
+
+log = logging.getLogger(__name__)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -55,15 +67,17 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write `state` atomically: a temp file in the same folder, flushed and fsync'ed, then `os.replace`d over
-    `path` (and the folder fsync'ed), so a crash leaves either the old or the new checkpoint, never half of one."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file atomically: `write(f)` fills a temporary file in the same folder, which is flushed, fsync'ed and
+    `os.replace`d over `path` (then the folder is fsync'ed), so a crash leaves the old file or the new one, never
+    half of one. The file gets the mode of any file the user writes (0o666 less the umask); after the write, stale
+    temporaries of this name (left by a killed writer) are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -79,15 +93,76 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> Path:
             os.close(dfd)
     except OSError:  # some filesystems do not fsync directories
         pass
+    remove_stale_temporaries(path.parent, glob.escape(path.name))
     return path
 
 
-def load(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
-    """Load a checkpoint (tensors and plain types only: `weights_only=True`)."""
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    # Not tempfile.mkstemp: it creates mode 0600; os.open with 0o666 lets the kernel apply the umask, as open() does.
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"atomic_write: no free temporary name next to {str(path)!r}")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = "checkpoint*.pth") -> int:
+    """Remove the `.<name>.<random>.tmp` temporaries of `atomic_write` for the file names matching `pattern` (a glob;
+    default: this run's checkpoints) in `folder`; a killed writer leaves one. Returns how many were removed."""
+    removed = 0
+    for tmp in Path(folder).glob(f".{pattern}.*.tmp"):
+        try:
+            tmp.unlink()
+            removed += 1
+        except FileNotFoundError:  # removed by someone else meanwhile
+            pass
+    if removed:
+        log.info("removed %d stale temporary file(s) .%s.*.tmp in %s (an interrupted write)", removed, pattern, folder)
+    return removed
+
+
+def save(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write the checkpoint `state` atomically (`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load(path: str | os.PathLike, map_location="cpu", keys: Sequence[str] = KEYS) -> dict[str, Any]:
+    """Load a checkpoint (tensors and plain types only: `weights_only=True`).
+
+    Args:
+        path: the checkpoint file.
+        map_location: passed to `torch.load`.
+        keys: entries it must have (default: those of a protoclr checkpoint).
+
+    Raises:
+        FileNotFoundError / IsADirectoryError: path is missing / a folder (the message names its latest checkpoint).
+        ValueError: the file is not a readable checkpoint (truncated, another format, or missing `keys`).
+    """
     path = Path(path)
+    if path.is_dir():
+        latest = find_latest(path)
+        hint = f"pass its latest checkpoint file, {str(latest)!r}" if latest else "it holds no checkpoint*.pth"
+        raise IsADirectoryError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file; {hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
+        first = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0]
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read: truncated (an interrupted copy?) or not a checkpoint written "
+            f"by train.py ({type(e).__name__}: {first})"
+        ) from e
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a protoclr checkpoint (train.py writes one): it lacks {missing}"
+        )
+    return state
 
 
 def find_latest(out: str | os.PathLike) -> Path | None:
@@ -119,21 +194,22 @@ def resolve_resume(resume: str, out: str | os.PathLike) -> Path | None:
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Strict load into the unwrapped model, with a message listing missing and unexpected keys."""
+    """Strict load into the unwrapped model; ValueError (a user error: another model.arch / width / cluster.k)
+    listing missing and unexpected keys, or the first parameter whose shape differs."""
     target = unwrap(model)
     state = clean_state_dict(state)
     own = target.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise RuntimeError(
+        raise ValueError(
             f"checkpoint does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}; was it written with another "
             "model.arch / model.width / cluster.k?"
         )
     for k, v in state.items():
         if own[k].shape != v.shape:
-            raise RuntimeError(
+            raise ValueError(
                 f"checkpoint does not match the model: {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}"
             )
     target.load_state_dict(state, strict=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -388,11 +389,13 @@ def _coerce(key: str, value: Any, typ, source: str) -> Any:
     if typ is float:
         if isinstance(value, str):  # PyYAML reads `1e-3` and `inf` as text
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad() from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
+        if not math.isfinite(value):  # NaN passes every range check (nan < 0 is False); no setting means inf
+            raise ValueError(f"config ({source}): {key} must be a finite number, got {value!r}")
         return float(value)
     if typ is str:
         if isinstance(value, (dict, list)) or value is None:

@@ -138,12 +138,14 @@ def _slurm_master_addr() -> str:
     return first
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """The torch device for a `--device` value: "auto" (CUDA when available), "cpu", "cuda" (cuda:local_rank) or
+    "cuda:N". Raises ValueError (a user error) for another name, or for CUDA on a machine without it."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={device!r} was requested but CUDA is not available; use --device cpu")
+            raise ValueError(f"device={device!r} was requested but CUDA is not available; use --device cpu")
         return torch.device("cuda", local_rank if device == "cuda" else torch.device(device).index)
     if device != "cpu":
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
@@ -171,7 +173,7 @@ def init_distributed_mode(device: str = "auto", backend: str | None = None, time
     if is_dist():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(env.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
-        dev = _resolve_device(device, local)
+        dev = resolve_device(device, local)
         return DistInfo(rank, world, local, dev, world > 1)
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -183,8 +185,8 @@ def init_distributed_mode(device: str = "auto", backend: str | None = None, time
         env.setdefault("MASTER_PORT", "29500")
         env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
     else:
-        return DistInfo(0, 1, 0, _resolve_device(device, 0), False)
-    dev = _resolve_device(device, local)
+        return DistInfo(0, 1, 0, resolve_device(device, 0), False)
+    dev = resolve_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import subprocess
 import time
@@ -126,15 +125,6 @@ def step_loss(
     return loss_spcl + cfg.loss.lambda_proto * l_proto, l_proto, stats
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def train(cfg: Config) -> dict:
     """Train SPCL with `cfg` (see protoclr/config.py); returns the final summary
     {"top1": kNN top-1 % on the held-out split (None without one), "epochs_done", "step", "out", "checkpoint",
@@ -164,6 +154,7 @@ def _train(cfg: Config) -> dict:
     out = Path(cfg.out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temporaries(out)  # a run killed while saving left one
     setup_logging(out if main else None, rank)
     sha = git_sha()
     log.info(
@@ -177,7 +168,7 @@ def _train(cfg: Config) -> dict:
     )
     log.info("config:\n%s", to_yaml(cfg).rstrip())
     if main:
-        _write_text_atomic(out / "config.yaml", to_yaml(cfg))
+        checkpoint.atomic_write(out / "config.yaml", lambda f: f.write(to_yaml(cfg).encode()))
 
     # ============ precision ============
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -217,6 +208,8 @@ def _train(cfg: Config) -> dict:
         )
     if len(train_ds) < cfg.batch_size:
         raise ValueError(f"config: batch_size={cfg.batch_size} exceeds the {len(train_ds)} training images")
+    if cfg.cluster.source == "kmeans" and cfg.cluster.k > len(train_ds):  # before any feature extraction
+        raise ValueError(f"config: cluster.k={cfg.cluster.k} exceeds the {len(train_ds)} training images")
     sampler = PrototypePairSampler(len(train_ds), per_rank, world, rank, seed=cfg.seed, drop_last=True)
     loader = build_train_loader(
         train_ds, sampler, cfg.aug, device, backend=cfg.data.backend, num_workers=cfg.data.num_workers, seed=cfg.seed

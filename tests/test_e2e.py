@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -49,9 +50,15 @@ def test_cli_train_resume_auto_and_eval(tmp_path):
     first = _last_json(_run("train.py", "--out", str(out), "--max-steps", "3", "--device", "cpu", *TINY))
     assert first["step"] == 3 and 0 <= first["top1"] <= 100
     assert (out / "checkpoint.pth").is_file() and (out / "config.yaml").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((out / "checkpoint.pth").stat().st_mode) == 0o666 & ~umask  # like any file the user writes
+    stale = out / ".checkpoint0003.pth.0badc0de.tmp"  # a save killed mid-write; not a name this run writes again
+    stale.write_bytes(b"half a checkpoint")
     proc = _run("train.py", "--out", str(out), "--max-steps", "5", "--resume", "auto", "--device", "cpu", *TINY)
     second = _last_json(proc)
     assert second["step"] == 5
+    assert not stale.exists()  # removed when the run starts
     assert f"resume: {out / 'checkpoint.pth'} at epoch 0, step 3" in proc.stdout
     assert "epoch 0 step 4/5 | loss" in proc.stdout  # continues at step 4, not 1
     lines = (out / "metrics.csv").read_text().splitlines()

@@ -3,6 +3,7 @@
 The last line printed is one JSON object with "top1" (percent). Without --ckpt (or with --init random) the
 encoder of the config (--config, default configs/digits.yaml) is evaluated at its random initialisation;
 --features pixels evaluates the raw normalised pixels instead (a reference point for the learning test).
+A user error (bad flag value, data folder or checkpoint) ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from .. import checkpoint, config, dist
+from .. import checkpoint, cli, config, dist
 from ..model import build_model
 from ..monitor import setup_logging
 from . import _labels, extract, knn_classify, linear_probe, load_splits
@@ -59,11 +60,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="linear probe epochs (default eval.linear_epochs = 100)")
     p.add_argument("--lr", type=float, default=None, help="linear probe lr per 256 (default eval.linear_lr = 0.1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    cli.add_debug_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_intermixed_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_intermixed_args(argv)
+    return cli.run(parser.prog, lambda: _main(args), args.debug)
+
+
+def _main(args: argparse.Namespace) -> dict:
     setup_logging(None, 0)
     t0 = time.perf_counter()
     state = None
@@ -83,11 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     config.apply_overrides(cfg, {k: v for k, v in named.items() if v is not None}, "command-line flags")
     cfg.validate()
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = dist.resolve_device(args.device)
 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(dist.cpu_threads(cfg.threads, device, cfg.data.num_workers))
@@ -100,9 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _evaluate(args, cfg, state, device, t0) -> dict:
     train, val, desc = load_splits(cfg.data, cfg.seed)
     if val is None:
-        raise SystemExit(
-            "protoclr.eval: no held-out set: pass --val, use a folder with train/ and val/, or set data.holdout=0.1"
-        )
+        raise ValueError("no held-out set: pass --val, use a folder with train/ and val/, or set data.holdout=0.1")
     log.info("data: %s", desc)
     if args.features == "pixels":
         encoder: nn.Module = nn.Flatten()
@@ -112,7 +113,7 @@ def _evaluate(args, cfg, state, device, t0) -> dict:
         model = build_model(cfg)
         if args.init == "trained":
             if state is None:
-                raise SystemExit("protoclr.eval: --init trained needs --ckpt (or pass --init random)")
+                raise ValueError("--init trained needs --ckpt (or pass --init random)")
             checkpoint.load_model_state(model, state["model"])
             what = f"{args.ckpt} (epoch {state['epoch']}, step {state['step']})"
         else:
