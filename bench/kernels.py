@@ -2,8 +2,9 @@
 
 Providers: every backend of `protoclr.ops.BACKENDS` (unusable ones are recorded with the reason `resolve`
 gives), `compile` = torch.compile of the reference public op, `cdist` = the torch.cdist L1 head
-(`common.cdist_siamese_baseline`, siamese only, speed baseline) and `inf-cl` (contrastive, GPU, when the
-package is installed: one-directional N×N InfoNCE, a speed baseline).
+(`common.cdist_siamese_baseline`, siamese only, speed baseline), `inf-cl` (contrastive, GPU, when the
+package is installed: one-directional N×N InfoNCE, a speed baseline) and `gemm` (assign only: the bare x @ cᵀ
+of the same shape and dtype, the floor an assign kernel is measured against).
 Per case: median time of the forward and of forward+backward, peak extra memory, TFLOP/s by the SPEC §5 FLOP
 models and the fraction of the matmul rate measured in the same run; then (`--max-n`) the largest N each
 backend runs (doubling N until out of memory or a time cap). Rows are appended to a JSON-lines file (schema:
@@ -44,7 +45,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 OPS = ("contrastive", "siamese", "assign")
-BASELINES = ("compile", "cdist", "inf-cl")
+BASELINES = ("compile", "cdist", "inf-cl", "gemm")
 ROW_PREFIX = "@@ROW "
 
 # op -> (feature dim D (Dh for siamese), K for assign, list of N (M for assign), dtype)
@@ -154,6 +155,9 @@ def make_fns(op: str, provider: str, inp: dict, *, tau: float, fn_mode: str, dyn
     from protoclr import ops
 
     if op == "assign":
+        if provider == "gemm":
+            x, c = inp["x"], inp["prototypes"]
+            return {"fwd": lambda: x @ c.T}
         if provider == "compile":
             f = torch.compile(lambda x, c: ops.assign(x, c, backend="reference"), dynamic=dynamic)
         else:
@@ -207,6 +211,8 @@ def applies(op: str, provider: str, device: torch.device) -> bool:
         return op == "siamese"
     if provider == "inf-cl":
         return op == "contrastive" and device.type == "cuda"
+    if provider == "gemm":
+        return op == "assign"
     return True
 
 
@@ -226,6 +232,8 @@ def unavailable(op: str, provider: str, device: torch.device) -> str | None:
         return None
     if provider == "cdist":
         return None if op == "siamese" else "cdist is the siamese L1-head baseline only"
+    if provider == "gemm":
+        return None if op == "assign" else "gemm is the assign floor only"
     if provider == "inf-cl":
         if op != "contrastive":
             return "inf-cl is a contrastive (InfoNCE) baseline only"
@@ -256,6 +264,8 @@ def est_bytes(op: str, provider: str, mode: str, n: int, d: int, k: int | None, 
             return 8 * acc * nn + extra
         if op == "assign":
             return 2 * acc * (math.ceil(n * k / 8) if provider == "compile" else min(n * k, 1 << 26)) + 16 * n
+    if provider == "gemm":
+        return acc * n * k
     if provider == "cdist":
         extra = acc * nn * d if (mode == "fwd_bwd" and device == "cuda") else 0  # cdist's CUDA backward buffer
         return 10 * acc * nn + extra

@@ -21,10 +21,15 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 MODES = ("none", "mask", "attract")
 
-pytestmark = pytest.mark.skipif(
-    backend_triton.available(DEVICE) is not None,
-    reason=f"triton backend unavailable: {backend_triton.available(DEVICE)}",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        backend_triton.available(DEVICE) is not None,
+        reason=f"triton backend unavailable: {backend_triton.available(DEVICE)}",
+    ),
+    # Every test here runs on the GPU when there is one: then `pytest -m gpu` (bench/gpu_check.sh) must select
+    # them all, not only the N = 16,384 ones; without a GPU they run in the interpreter in `make test`.
+    *([pytest.mark.gpu] if HAS_CUDA else []),
+]
 
 
 def _kops():
@@ -312,7 +317,9 @@ def test_gpu_contrastive_16k(dtype):
     # one N×N fp32 buffer would be 1 GiB
     assert peak <= 48 * n * d * 4 + (1 << 20)
     again = run()
-    assert all(torch.equal(a, e) for a, e in zip(again, got))  # two passes, no atomics: deterministic
+    # The Triton kernels are two passes without atomics, but the label-set sums (`_segment`) use index_add_,
+    # which is atomic on CUDA: summation order varies, so runs agree to fp32 rounding, not bitwise.
+    assert all(rel_err(a, e) <= 1e-5 for a, e in zip(again, got))
 
 
 @pytest.mark.gpu
