@@ -115,3 +115,24 @@ def test_eval_cli_knn_linear_and_baselines(trained_ckpt, capsys):
     assert all(math.isfinite(r["top1"]) for r in (rnd, px))
     with pytest.raises(SystemExit):
         eval_main(["knn", "--init", "trained", "--data", data])  # no checkpoint to evaluate
+
+
+def test_eval_drops_unreadable_images(trained_ckpt, tmp_path, capsys):
+    """An unreadable image is left out of the bank and the queries (the loader gives it as a blank image, which used
+    to vote and be scored): the result is that of the folder without it, and the output counts it."""
+    import shutil
+
+    ckpt, _ = trained_ckpt
+    clean = ckpt.parent.parent / "data"
+    shutil.copytree(clean, tmp_path / "data")
+    (tmp_path / "data" / "train" / "3" / "zz_garbage.png").write_bytes(b"this is not an image at all")
+    (tmp_path / "data" / "val" / "5" / "zz_empty.png").write_bytes(b"")
+    (tmp_path / "data" / "val" / "7" / "zz_garbage.png").write_bytes(b"GIF89a, or not")
+    for mode, extra in (("knn", []), ("linear", ["--epochs", "2"]), ("knn", ["data.backend=dali"])):
+        want = eval_main([mode, "--ckpt", str(ckpt), "--data", str(clean), *extra])
+        got = eval_main([mode, "--ckpt", str(ckpt), "--data", str(tmp_path / "data"), *extra])
+        assert got.get("n_train") == want.get("n_train") and got.get("n_test") == want.get("n_test")
+        assert got["top1"] == want["top1"]
+        assert (got["unreadable_train"], got["unreadable_val"]) == (1, 2)
+        assert (want["unreadable_train"], want["unreadable_val"]) == (0, 0)
+    assert f"dropped 2 unreadable image(s) of {tmp_path / 'data' / 'val'}" in capsys.readouterr().out

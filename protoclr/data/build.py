@@ -163,7 +163,7 @@ def build_eval_loader(
     Returns:
         An iterable of `images` float32 (b, 3, image_size, image_size) channels_last normalised, `labels` (b,) int64,
         `index` (b,) int64, all on `device`; `len(loader)` batches; `loader.skipped` counts unreadable images
-        (given as all-zero images, keeping their index and label).
+        (given as all-zero images, keeping their index and label) and `loader.skipped_paths` names them.
 
     Raises:
         ValueError: bad argument (names it).

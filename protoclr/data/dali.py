@@ -547,6 +547,11 @@ class DaliEvalLoader:
     def skipped(self) -> int:
         return self._skips.count
 
+    @property
+    def skipped_paths(self) -> list[str]:
+        """Paths of the unreadable images of the current (or last) pass, one entry per skip."""
+        return list(self._skips.paths)
+
     def __iter__(self):
         self._skips.reset()
         if not self.indices:  # e.g. more ranks than images: nothing to feed, and DALI wants a first batch

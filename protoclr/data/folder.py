@@ -245,19 +245,23 @@ def find_good_index(start: int, n: int, is_good: Callable[[int], bool], limit: i
 
 
 class SkipLog:
-    """Counts skipped files of the current epoch and reports them in one warning at its end."""
+    """Counts skipped files of the current epoch (or evaluation pass), keeps their paths, and reports them in one
+    warning at its end."""
 
     def __init__(self, what: str) -> None:
         self.what = what
         self.count = 0
         self.examples: list[str] = []
+        self.paths: list[str] = []
 
     def reset(self) -> None:
         self.count = 0
         self.examples = []
+        self.paths = []
 
     def add(self, path: str, reason: str) -> None:
         self.count += 1
+        self.paths.append(path)
         if len(self.examples) < 5:
             self.examples.append(f"{path} ({reason})")
 
@@ -266,7 +270,7 @@ class SkipLog:
         if not self.count:
             return
         if epoch is None:
-            what, fix = "in this pass", "each given as a blank (all-zero) image"
+            what, fix = "in this pass", "each given as a blank (all-zero) image (k-means keeps it, kNN/linear drop it)"
         else:
             what, fix = f"in epoch {epoch}", "each replaced by another image of its batch"
         log.warning(

@@ -271,6 +271,11 @@ class TorchEvalLoader:
     def skipped(self) -> int:
         return self._skips.count
 
+    @property
+    def skipped_paths(self) -> list[str]:
+        """Paths of the unreadable images of the current (or last) pass, one entry per skip."""
+        return list(self._skips.paths)
+
     def __iter__(self):
         self._skips.reset()
         try:

@@ -20,7 +20,7 @@ from torch import nn
 from .. import checkpoint, cli, config, dist
 from ..model import build_model
 from ..monitor import setup_logging
-from . import _labels, extract, knn_classify, linear_probe, load_splits
+from . import extract, knn_classify, linear_probe, load_splits
 
 log = logging.getLogger("protoclr.eval")
 
@@ -123,9 +123,8 @@ def _evaluate(args, cfg, state, device, t0) -> dict:
             encoder = encoder.to(memory_format=torch.channels_last)
     encoder = encoder.to(device)
     log.info("encoder: %s", what)
-    f_train = extract(encoder, train, cfg, device)
-    f_val = extract(encoder, val, cfg, device)
-    y_train, y_val = _labels(train, device), _labels(val, device)
+    f_train, y_train, bad_train = extract(encoder, train, cfg, device)
+    f_val, y_val, bad_val = extract(encoder, val, cfg, device)
     if args.mode == "knn":
         res = knn_classify(
             f_train, y_train, f_val, y_val, k=cfg.eval.knn_k, t=cfg.eval.knn_t, num_classes=len(train.classes)
@@ -151,6 +150,8 @@ def _evaluate(args, cfg, state, device, t0) -> dict:
         "features": args.features,
         "init": args.init if args.features == "encoder" else None,
         "ckpt": args.ckpt,
+        "unreadable_train": bad_train,  # dropped: they count toward neither the bank nor the score
+        "unreadable_val": bad_val,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(res), flush=True)
