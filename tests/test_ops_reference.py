@@ -2,11 +2,14 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from protoclr import ops
+from protoclr.ops import checks
+from protoclr.ops.checks import TAU_RANGE
 from tests.helpers import make_batch, rel_err
 
 MODES = ("none", "mask", "attract")
@@ -271,8 +274,6 @@ def test_contrastive_bad_input(mutate, match):
 
 def test_contrastive_bad_scalars():
     b = _batch()
-    with pytest.raises(ValueError, match="tau"):
-        ops.contrastive_loss(b["z"], b["inst"], b["proto"], tau=0.0)
     with pytest.raises(ValueError, match="fn_mode"):
         ops.contrastive_loss(b["z"], b["inst"], b["proto"], fn_mode="drop")
     with pytest.raises(ValueError, match="backend"):
@@ -328,6 +329,107 @@ def test_spcl_bad_input():
         )
     with pytest.raises(ValueError, match="h"):
         ops.spcl_loss(b["z"], b["h"][:4], b["inst"], b["proto"], head_weight=b["weight"], head_bias=b["bias"])
+
+
+@pytest.mark.parametrize(
+    "tau", [0.0, -0.5, float("nan"), float("inf"), True, 1e-50, 1e-4, 1e4, "0.5", torch.tensor(0.5), None]
+)
+def test_bad_tau_names_tau_and_the_range(tau):
+    """tau=1e-50 overflowed fp32 (NaN loss on every backend) and tau=True was taken for 1.0."""
+    b = _batch()
+    with pytest.raises(ValueError, match=r"tau must be a float in \[0.001, 1000\]"):
+        ops.contrastive_loss(b["z"], b["inst"], b["proto"], tau=tau)
+    with pytest.raises(ValueError, match=r"spcl_loss: tau must be a float in \[0.001, 1000\]"):
+        ops.spcl_loss(b["z"], b["h"], b["inst"], b["proto"], tau=tau, head_weight=b["weight"], head_bias=b["bias"])
+
+
+@pytest.mark.parametrize("tau", [TAU_RANGE[0], 1, np.float32(0.2), np.float64(0.07), TAU_RANGE[1]])
+def test_tau_range_is_accepted(tau):
+    b = _batch()
+    assert torch.isfinite(ops.contrastive_loss(b["z"], b["inst"], b["proto"], tau=tau))
+
+
+@pytest.mark.parametrize("name", ["lambda_con", "lambda_sia"])
+@pytest.mark.parametrize(
+    "value", ["1", None, True, torch.tensor(1.0), float("nan"), float("-inf"), 10**400], ids=lambda v: repr(v)[:12]
+)
+def test_bad_lambda_names_it(name, value):
+    """A string raised an unrelated TypeError and NaN silently gave a NaN loss."""
+    b = _batch()
+    with pytest.raises(ValueError, match=f"spcl_loss: {name} must be a finite float"):
+        ops.spcl_loss(b["z"], b["h"], b["inst"], b["proto"], head_weight=b["weight"], head_bias=b["bias"],
+                      **{name: value})  # fmt: skip
+
+
+def test_lambda_weights_terms():
+    b = _batch()
+    args = dict(head_weight=b["weight"], head_bias=b["bias"])
+    loss, st = ops.spcl_loss(b["z"], b["h"], b["inst"], b["proto"], lambda_con=np.float32(0.5), lambda_sia=-2, **args)
+    assert isinstance(loss, torch.Tensor)
+    assert rel_err(loss, 0.5 * st["loss_con"] - 2 * st["loss_sia"]) < 1e-12
+
+
+def test_wrong_python_types_raise_type_error_naming_the_argument():
+    """A list for z raised AttributeError (spcl_loss with prototypes); ArgumentTypeError is a TypeError and a
+    ValueError (SPEC: bad input raises ValueError)."""
+    b = _batch()
+    args = dict(head_weight=b["weight"], head_bias=b["bias"])
+    protos = torch.randn(3, 16, dtype=torch.float64)
+    calls = [
+        ("z", lambda: ops.contrastive_loss(b["z"].tolist(), b["inst"], b["proto"])),
+        ("z", lambda: ops.spcl_loss(b["z"].tolist(), b["h"], b["inst"], b["proto"], **args)),
+        ("z", lambda: ops.spcl_loss(b["z"].tolist(), b["h"], b["inst"], prototypes=protos, **args)),
+        ("h", lambda: ops.spcl_loss(b["z"], b["h"].numpy(), b["inst"], b["proto"], **args)),
+        ("inst", lambda: ops.contrastive_loss(b["z"], b["inst"].tolist(), b["proto"])),
+        ("weight", lambda: ops.siamese_loss(b["h"], b["inst"], b["proto"], b["weight"].tolist(), b["bias"])),
+        ("bias", lambda: ops.siamese_loss(b["h"], b["inst"], b["proto"], b["weight"], 0.5)),
+        ("x", lambda: ops.assign(b["z"].tolist(), protos)),
+    ]
+    for name, call in calls:
+        with pytest.raises(checks.ArgumentTypeError, match=f": {name} must be") as info:
+            call()
+        assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+
+
+def test_siamese_weight_of_another_shape_is_not_flattened():
+    b = make_batch(4, 2, dh=4)
+    for w in (b["weight"].reshape(2, 2), b["weight"].reshape(4, 1), b["weight"].reshape(1, 1, 4)):
+        with pytest.raises(ValueError, match=r"weight must have shape \(Dh,\)=\(4,\) or \(1, 4\)"):
+            ops.siamese_loss(b["h"], b["inst"], b["proto"], w, b["bias"])
+    loss = ops.siamese_loss(b["h"], b["inst"], b["proto"], b["weight"].reshape(1, 4), b["bias"])
+    assert loss == ops.siamese_loss(b["h"], b["inst"], b["proto"], b["weight"], b["bias"])
+
+
+def test_spcl_errors_name_the_argument():
+    b = _batch()
+    args = dict(head_weight=b["weight"], head_bias=b["bias"])
+    with pytest.raises(ValueError, match=r"spcl_loss: h must have z's N=8 rows, got 6"):
+        ops.spcl_loss(b["z"], b["h"][:6], b["inst"], b["proto"], **args)
+    with pytest.raises(ValueError, match=r"prototypes must have shape \(K, D\) with D=16 like z, got \(3, 5\)"):
+        ops.spcl_loss(b["z"], b["h"], b["inst"], prototypes=torch.randn(3, 5, dtype=torch.float64), **args)
+    with pytest.raises(ValueError, match="prototypes must have z's dtype"):
+        ops.spcl_loss(b["z"], b["h"], b["inst"], prototypes=torch.randn(3, 16), **args)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
+def test_meta_tensors_give_shapes(backend):
+    """Meta tensors (shape propagation) go through the fake implementations; the label checks, which read values,
+    are skipped. They raised NotImplementedError (no data) before."""
+    b = {k: v.to("meta") for k, v in make_batch(4, 2, requires_grad=False).items()}
+    z, h = b["z"].requires_grad_(), b["h"].requires_grad_()
+    w, bias = b["weight"].requires_grad_(), b["bias"].requires_grad_()
+    loss, st = ops.spcl_loss(z, h, b["inst"], b["proto"], head_weight=w, head_bias=bias, backend=backend)
+    assert loss.device.type == "meta" and loss.shape == () and loss.dtype == torch.float64
+    grads = torch.autograd.grad(loss, (z, h, w, bias))
+    assert [g.shape for g in grads] == [z.shape, h.shape, w.shape, bias.shape]
+    idx, score = ops.assign(z.detach(), z.detach()[:3], backend=backend)
+    assert idx.shape == (8,) and idx.device.type == "meta" and score.dtype == torch.float64
+
+
+def test_meta_tensors_on_triton_say_which_backends_take_them():
+    b = {k: v.to("meta") for k, v in make_batch(4, 2).items()}
+    with pytest.raises(RuntimeError, match="meta tensors work with backend 'cpu', 'cuda' or 'reference'"):
+        ops.contrastive_loss(b["z"], b["inst"], b["proto"], backend="triton")
 
 
 def test_explicit_unavailable_backend_says_why():

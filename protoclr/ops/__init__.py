@@ -45,9 +45,10 @@ def _module(name: str) -> ModuleType:
 
 
 def _device_ok(name: str, device: torch.device) -> str | None:
-    if name == "cpu" and device.type != "cpu":
+    # meta tensors (shapes only) run through a backend's fake implementations, or the reference's torch ops
+    if name == "cpu" and device.type not in ("cpu", "meta"):
         return f"the cpu backend takes CPU tensors, got {device.type}"
-    if name == "cuda" and device.type != "cuda":
+    if name == "cuda" and device.type not in ("cuda", "meta"):
         return f"the cuda backend takes CUDA tensors, got {device.type}"
     return _module(name).available(device)
 
@@ -171,7 +172,7 @@ def contrastive_loss(
         z: (N, Dz) L2-normalised projections (any float dtype; accumulation in float32).
         inst: (N,) int64 image id of each row (dataset index; equal for views of one image).
         proto: (N,) int64 prototype id of each row, -1 = unknown.
-        tau: temperature.
+        tau: temperature, a float in [1e-3, 1e3] (`checks.TAU_RANGE`: fp32 logits c/tau stay accurate there).
         fn_mode: "none" (SimCLR), "mask" (drop false negatives from the denominator) or "attract"
             (false negatives become positives).
         backend: "auto", "reference", "cpu", "cuda" or "triton".
@@ -182,13 +183,14 @@ def contrastive_loss(
         anchor has one (degenerate batch; gradients are then zero).
 
     Raises:
-        ValueError: bad shapes, dtypes, devices, N < 2, labels out of range, tau <= 0, unknown fn_mode.
+        ValueError: bad shapes, dtypes, devices, N < 2, labels out of range, tau outside
+            `checks.TAU_RANGE` (or a bool), unknown fn_mode.
     """
     fn = "contrastive_loss"
     checks.check_batch(fn, z, inst, proto)
     checks.check_tau(fn, tau)
     checks.check_fn_mode(fn, fn_mode)
-    return _contrastive_terms(resolve(backend, z.device), z, inst, proto, tau, fn_mode, group)[0]
+    return _contrastive_terms(resolve(backend, z.device), z, inst, proto, float(tau), fn_mode, group)[0]
 
 
 # --------------------------------------------------------------------------------------------- siamese
@@ -293,7 +295,7 @@ def spcl_loss(
             no gradient). Pass proto or prototypes, not both.
         head_weight, head_bias: the siamese head (see `siamese_loss`).
         tau, fn_mode: see `contrastive_loss`; pairs, balance: see `siamese_loss`.
-        lambda_con, lambda_sia: weights of the two terms.
+        lambda_con, lambda_sia: weights of the two terms, finite floats.
         backend: "auto", "reference", "cpu", "cuda" or "triton"; group: see the module docstring.
 
     Returns:
@@ -301,30 +303,39 @@ def spcl_loss(
         "loss_sia", "fn_rate" (share of negatives j, inst_j != inst_i, that share the anchor's prototype),
         "sim_pos", "sim_neg" (true negatives), "sim_fn" (false negatives): mean cosine similarities, NaN-free
         (0 when the set is empty); and "proto" (N,) the prototype ids used.
+
+    Raises:
+        ValueError: as `contrastive_loss` and `siamese_loss`, h with other rows than z, lambda_* not finite,
+            prototypes that do not match z. A wrong Python type (a list for z) raises `checks.ArgumentTypeError`,
+            a TypeError and a ValueError.
     """
     fn = "spcl_loss"
     checks.check_tau(fn, tau)
     checks.check_fn_mode(fn, fn_mode)
+    checks.check_weight(fn, "lambda_con", lambda_con)
+    checks.check_weight(fn, "lambda_sia", lambda_sia)
+    checks.check_features(fn, "z", z, "Dz")
+    checks.check_features(fn, "h", h, "Dh")
+    if h.size(0) != z.size(0):
+        raise ValueError(f"{fn}: h must have z's N={z.size(0)} rows, got {h.size(0)}")
+    checks.check_same_device(fn, z=z, h=h)
     if proto is not None and prototypes is not None:
         raise ValueError(f"{fn}: pass proto or prototypes, not both (prototypes assigns proto itself)")
     if prototypes is not None:
-        checks.check_assign(fn, z.detach(), prototypes, None)
+        checks.check_assign(fn, z, prototypes, None, x_name="z")
         proto = assign(z.detach(), prototypes, backend=backend)[0]
     elif proto is None and isinstance(inst, torch.Tensor):
         proto = torch.full_like(inst, -1)
-    checks.check_batch(fn, z, inst, proto)
-    checks.check_batch(fn, h, inst, proto, x_name="h")
+    checks.check_batch(fn, z, inst, proto)  # h: same rows, same device (above)
     checks.check_head(fn, h, head_weight, head_bias)
     checks.check_pairs(fn, pairs, h.size(0), h.device)
     if pairs is not None and _group(group)[1]:
         raise ValueError(f"{fn}: pairs must be None under a process group (explicit pairs are per-rank)")
-    if h.size(0) != z.size(0):
-        raise ValueError(f"{fn}: h must have z's N={z.size(0)} rows, got {h.size(0)}")
 
     impl = resolve(backend, z.device)
-    l_con, st, n_cols = _contrastive_terms(impl, z, inst, proto, tau, fn_mode, group)
+    l_con, st, n_cols = _contrastive_terms(impl, z, inst, proto, float(tau), fn_mode, group)
     l_sia, _ = _siamese_terms(impl, h, inst, proto, head_weight, head_bias, pairs, balance, group)
-    loss = lambda_con * l_con + lambda_sia * l_sia
+    loss = float(lambda_con) * l_con + float(lambda_sia) * l_sia
 
     # stats: [pos_sum, pos_cnt, fn_sum, fn_cnt, all_sum] summed over rows (and ranks)
     tot = _global_sum(st.to(torch.float64).sum(0), group)

@@ -25,8 +25,8 @@ BUILD_HINT = "build it with `make install` (or `pip install -e . --no-build-isol
 def available(device: torch.device) -> str | None:
     if _IMPORT_ERROR is not None:
         return f"protoclr._C is not built ({_IMPORT_ERROR}); {BUILD_HINT}"
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    if device.type not in ("cpu", "cuda"):
+    key = {"cuda": "CUDA", "cpu": "CPU", "meta": "Meta"}.get(device.type)  # Meta: the fake implementations below
+    if key is None:
         return f"protoclr._C has no kernels for {device.type} tensors"
     missing = [op for op in _OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"protoclr::{op}", key)]
     if missing and key == "CUDA":

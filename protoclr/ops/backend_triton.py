@@ -27,6 +27,8 @@ def available(device: torch.device) -> str | None:
         return f"Triton kernels unavailable ({_IMPORT_ERROR}); install triton (comes with torch on Linux)"
     if device.type == "cuda" or (device.type == "cpu" and interpreting()):
         return None
+    if device.type == "meta":  # a triton_op's fake implementation is its body, which launches kernels
+        return "the triton backend launches kernels; meta tensors work with backend 'cpu', 'cuda' or 'reference'"
     return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
 
 
