@@ -4,10 +4,12 @@ Two levels, each with one `mp.spawn` of 2 CPU processes (float64):
 - ops: `contrastive_loss` / `siamese_loss` / `spcl_loss` with group="world" give the global loss value, and the
   gradient of a rank's rows divided by the world size equals the single-process gradient of those rows (DDP's
   averaging divides by P); head gradients averaged over ranks equal the single-process ones. Every backend in
-  {reference, cpu}.
+  {reference, cpu, triton} (triton in the interpreter without a GPU), rows split so that some images have both
+  views on one rank and others across ranks.
 - trainer: one optimisation step of `trainer.step_loss` through DDP + `DistBatchNorm` + LARS on 2 ranks gives
   the same loss, parameter gradients, BN running statistics and updated parameters as 1 process on the
-  concatenated batch.
+  concatenated batch, for every fn_mode (mask/attract: prototype labels of the other rank's rows reach the
+  contrastive term), each backend and both siamese `balance` settings.
 Plus the helpers of protoclr.dist (init_distributed_mode, global_mean, barrier, the differentiable all-reduce).
 """
 
@@ -27,9 +29,13 @@ from protoclr import config, dist, ops
 pytestmark = pytest.mark.dist
 
 WORLD = 2
-OPS_BACKENDS = ["reference", "cpu"]
+OPS_BACKENDS = ["reference", "cpu", "triton"]
 FN_MODES = ["none", "mask", "attract"]
-TOL = 1e-6
+# float64 throughout, so the only differences are summation order. Measured: ops ~1e-15 (sums over <= 24 rows,
+# terms O(1)); a trainer step ~1e-13 (a ResNet's backward through BN and LARS, gradients up to O(10)). The bounds
+# leave 100x of that and still catch a missing or doubled term (a local count or normaliser is >= 1e-3 here).
+TOL = 1e-13
+TOL_STEP = 1e-11
 
 
 def _init(rank: int, world: int, init_file: str) -> None:
@@ -42,9 +48,10 @@ def _init(rank: int, world: int, init_file: str) -> None:
 
 def _ops_batch():
     g = torch.Generator().manual_seed(7)
-    # M = 12 images x 2 views = 24 rows; a quarter of the images without a prototype; unshuffled so that the
-    # rank split keeps both views of an image on one rank (any split works for the loss; this mirrors the trainer).
-    return make_batch(12, 2, dz=16, dh=24, k=3, generator=g, shuffle=False)
+    # M = 12 images x 2 views = 24 rows, shuffled, a quarter of the images without a prototype. Rank r takes rows
+    # [12r, 12r + 12): with this seed some images have both views on one rank and others one view per rank
+    # (checked in the test), so positives within a rank and across ranks are both exercised.
+    return make_batch(12, 2, dz=16, dh=24, k=3, generator=g, shuffle=True)
 
 
 def _split(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -119,6 +126,15 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
+def test_ops_batch_has_positives_within_and_across_ranks():
+    inst = _ops_batch()["inst"]
+    rank = torch.arange(inst.numel()) // (inst.numel() // WORLD)
+    same_img = inst[:, None] == inst[None, :]
+    same_img.fill_diagonal_(False)
+    same_rank = rank[:, None] == rank[None, :]
+    assert (same_img & same_rank).any() and (same_img & ~same_rank).any()
+
+
 @pytest.mark.parametrize("backend", OPS_BACKENDS)
 def test_ops_two_ranks_equal_one_process(ops_runs, backend):
     b = _ops_batch()
@@ -147,7 +163,16 @@ def test_ops_two_ranks_equal_one_process(ops_runs, backend):
 # ------------------------------------------------------------------------------------------------ trainer level
 
 
-def _tiny_cfg() -> config.Config:
+# (backend, fn_mode, balance): every fn_mode, every CPU-capable backend, both balance settings
+TRAINER_CASES = [
+    ("reference", "mask", True),
+    ("cpu", "none", False),
+    ("cpu", "attract", True),
+    ("triton", "mask", False),
+]
+
+
+def _tiny_cfg(backend: str, fn_mode: str, balance: bool) -> config.Config:
     cfg = config.Config()
     config.apply_overrides(
         cfg,
@@ -158,7 +183,9 @@ def _tiny_cfg() -> config.Config:
             "model.proj_dim": 8,
             "cluster.k": 3,
             "aug.image_size": 8,
-            "loss.backend": "reference",
+            "loss.backend": backend,
+            "loss.fn_mode": fn_mode,
+            "loss.balance": balance,
             "loss.lambda_sia": 0.5,
             "loss.lambda_proto": 0.8,
         },
@@ -210,22 +237,38 @@ def _step_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from protoclr.model import DistBatchNorm, convert_sync_batchnorm
 
     _init(rank, world, init_file)
-    cfg = _tiny_cfg()
-    raw = convert_sync_batchnorm(_build(cfg), torch.device("cpu"))
-    assert any(isinstance(m, DistBatchNorm) for m in raw.modules())
-    model = DDP(raw)
-    views, index, proto_table = _step_batch()
-    b = index.numel() // world
-    local_views = [v[rank * b : (rank + 1) * b] for v in views]
-    res = _one_step(model, raw, local_views, index[rank * b : (rank + 1) * b], proto_table, cfg, distributed=True)
-    torch.save(res, os.path.join(out_dir, f"step{rank}.pt"))
+    results = {}
+    for case in TRAINER_CASES:
+        try:
+            cfg = _tiny_cfg(*case)
+            raw = convert_sync_batchnorm(_build(cfg), torch.device("cpu"))
+            assert any(isinstance(m, DistBatchNorm) for m in raw.modules())
+            model = DDP(raw)
+            views, index, proto_table = _step_batch()
+            b = index.numel() // world
+            local_views = [v[rank * b : (rank + 1) * b] for v in views]
+            local_index = index[rank * b : (rank + 1) * b]
+            results[case] = _one_step(model, raw, local_views, local_index, proto_table, cfg, distributed=True)
+        except Exception:
+            results[case] = traceback.format_exc()
+    torch.save(results, os.path.join(out_dir, f"step{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_step_equals_single_process(tmp_path):
-    mp.spawn(_step_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"step{r}.pt", weights_only=False) for r in range(WORLD)]
-    cfg = _tiny_cfg()
+@pytest.fixture(scope="module")
+def step_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("step_dist")
+    mp.spawn(_step_worker, args=(WORLD, str(d / "init"), str(d)), nprocs=WORLD, join=True)
+    return [torch.load(d / f"step{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", TRAINER_CASES, ids=lambda c: f"{c[0]}-{c[1]}-balance{int(c[2])}")
+def test_ddp_step_equals_single_process(step_runs, case):
+    ranks = [r[case] for r in step_runs]
+    for r, res in enumerate(ranks):
+        if isinstance(res, str):
+            pytest.fail(f"rank {r}, case {case} raised:\n{res}")
+    cfg = _tiny_cfg(*case)
     raw = _build(cfg)
     views, index, proto_table = _step_batch()
     ref = _one_step(raw, raw, views, index, proto_table, cfg, distributed=False)
@@ -238,9 +281,11 @@ def test_ddp_step_equals_single_process(tmp_path):
             errs[f"{group}[{r}]"] = max(_max_err(res[group][n], ref[group][n]) for n in ref[group])
     print("max abs errors, 2 gloo ranks vs 1 process:", {k: f"{v:.2e}" for k, v in errs.items()})
     assert float(ref["l_proto"]) > 0  # the prototype term is active
+    if case[1] != "none":  # prototype labels reach the contrastive term (the batch has false negatives)
+        assert float(ref["fn_rate"]) > 0
     assert max(float(g.abs().max()) for g in ref["grads"].values()) > 1e-3  # a step that moves something
     for key, err in errs.items():
-        assert err <= TOL, f"{key}: max abs error {err:.3g} > {TOL}"
+        assert err <= TOL_STEP, f"{key}: max abs error {err:.3g} > {TOL_STEP}"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
