@@ -176,13 +176,17 @@ def test_bad_prototypes():
         s.set_prototypes(torch.full((100,), -2))
 
 
-def test_large_dataset_plan_is_fast():
-    import time
-
+def test_large_dataset_plan():
+    """200k images, 4 ranks: every rank's batches are its slice of the same global plan, indices in range.
+    (Its speed is measured in bench/pipeline.py, `sampler_plan_ms_imagenet`, not asserted here.)"""
     n = 200_000
-    s = PrototypePairSampler(n, 256, num_replicas=4, rank=1)
-    s.set_prototypes(torch.randint(-1, 3000, (n,)))
-    t = time.perf_counter()
-    batches = list(s)
-    assert len(batches) == n // 1024
-    assert time.perf_counter() - t < 10.0
+    ids = torch.randint(-1, 3000, (n,))
+    ranks = []
+    for rank in range(4):
+        s = PrototypePairSampler(n, 256, num_replicas=4, rank=rank)
+        s.set_prototypes(ids)
+        ranks.append(np.array(list(s)))
+    assert all(r.shape == (n // 1024, 256) for r in ranks)
+    glob = s.global_batches()
+    assert np.array_equal(np.concatenate(ranks, axis=1), glob.reshape(n // 1024, 1024))
+    assert glob.min() >= 0 and glob.max() < n
