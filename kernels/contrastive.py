@@ -8,10 +8,14 @@ protoc_j = proto_i}, A(i) = {j != i}, Den(i) = A(i) \\ F(i) for fn_mode "mask", 
 
 Design (flash-attention style; no N×Nc buffer anywhere):
 - The log-sum-exp is the only term that needs every (i, j): one program per BLOCK_M anchor rows sweeps the
-  columns in BLOCK_N tiles, each tile of c one `tl.dot` (fp32 accumulator), with a base-2 online
-  log-sum-exp (running max, running sum) per row. Under fn_mode "mask" the false-negative mask comes from
-  the labels, loaded per tile as int32 codes (`utils.label_codes`). Column tiles that touch the diagonal
-  j = i or the ragged end are MASKED (evaluate A(i) and the bounds); the others skip those comparisons.
+  columns in BLOCK_N tiles, each tile of c one `tl.dot` (fp32 accumulator), with an online log-sum-exp
+  (running max, running sum) per row. Under fn_mode "mask" the false-negative mask comes from the labels,
+  loaded per tile as int32 codes (`utils.label_codes`). Column tiles that touch the diagonal j = i or the
+  ragged end are MASKED (evaluate A(i) and the bounds); the others skip those comparisons.
+- Max and lse are in natural units, x = c·(1/tau) rounded once, as the backward rounds it; the backward's
+  weight exp(x − lse) of a row's dominant column is then exactly 1 at small tau, as in the reference. (A
+  base-2 lse converted to natural units and back is off by ulps of 1/tau, which scaled every weight: gradient
+  error 1.2e-4 at tau = 1e-4 in the interpreter. On a GPU a fused multiply-add may still skip the rounding.)
 - The statistics are linear in c over label-defined sets, so they need no pass over (i, j):
   sum_P c_i = z_i·Σ_{j∈P(i)} zc_j, and Σ_{j∈P(i)} zc_j is a per-image segment sum of zc (minus the anchor's
   own column); likewise F (per-prototype sum minus the per-(image, prototype) sum) and A (the column total
@@ -289,7 +293,7 @@ def _sim_tile(
 def _fwd_range(
     m, l_sum, t_start, t_end,
     q, z_ptr, zc_ptr, instc_ptr, protoc_ptr,
-    rows, rmask, gi, inst_i, proto_i, alpha,
+    rows, rmask, gi, inst_i, proto_i, inv_tau, log2e,
     Nc, D, stride_zn, stride_zd, stride_zcn, stride_zcd,
     MASKED: tl.constexpr, FN_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -303,8 +307,8 @@ def _fwd_range(
             q, z_ptr, zc_ptr, rows, rmask, cols, cmask, D, 0, stride_zn, stride_zd, stride_zcn, stride_zcd,
             BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, not MASKED, EVEN_D,
         )  # fmt: skip
-        # online log-sum-exp over Den(i), base 2: s = c·log2(e)/tau
-        s = c * alpha
+        # online log-sum-exp over Den(i) of s = c/tau; exp through exp2 of (s − max)·log2(e)
+        s = c * inv_tau
         if FN_MODE == 1:  # Den(i) = A(i) \ F(i)
             instc = tl.load(instc_ptr + cols, mask=cmask, other=-3)
             protoc = tl.load(protoc_ptr + cols, mask=cmask, other=-3)
@@ -316,7 +320,7 @@ def _fwd_range(
             s = tl.where((gi[:, None] != cols[None, :]) & cmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-excluded row so far: no inf - inf
-        l_sum = l_sum * tl.exp2(m - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), 1)
+        l_sum = l_sum * tl.exp2((m - m_ref) * log2e) + tl.sum(tl.exp2((s - m_ref[:, None]) * log2e), 1)
         m = m_new
     return m, l_sum
 
@@ -339,7 +343,7 @@ def _contrastive_fwd_kernel(
     z_ptr,  # (N, D) rows
     zc_ptr,  # (Nc, D) columns
     inst_ptr, instc_ptr, proto_ptr, protoc_ptr,  # int32 label codes (utils.label_codes); read for "mask"
-    consts_ptr,  # [log2(e)/tau, ln 2, 1/tau, log2(e)] in ACC
+    consts_ptr,  # [1/tau, ln 2, log2(e)] in ACC
     lse_ptr,  # (N,) out
     N, Nc, D, row_offset,
     stride_zn, stride_zd, stride_zcn, stride_zcd,
@@ -356,8 +360,9 @@ def _contrastive_fwd_kernel(
     inst_i = tl.load(inst_ptr + rows, mask=rmask, other=-1)
     proto_i = tl.load(proto_ptr + rows, mask=rmask, other=-1)
     proto_i = tl.where(proto_i >= 0, proto_i, -2)  # unknown anchors match no column (columns hold >= -1)
-    alpha = tl.load(consts_ptr)
+    inv_tau = tl.load(consts_ptr)
     ln2 = tl.load(consts_ptr + 1)
+    log2e = tl.load(consts_ptr + 2)
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(
         z_ptr + rows[:, None] * stride_zn + offs_d[None, :] * stride_zd,
@@ -374,11 +379,11 @@ def _contrastive_fwd_kernel(
         t_start, t_end = _plan_ranges(which, *plan)
         m, l_sum = _fwd_range(
             m, l_sum, t_start, t_end,
-            q, z_ptr, zc_ptr, instc_ptr, protoc_ptr, rows, rmask, gi, inst_i, proto_i, alpha,
+            q, z_ptr, zc_ptr, instc_ptr, protoc_ptr, rows, rmask, gi, inst_i, proto_i, inv_tau, log2e,
             Nc, D, stride_zn, stride_zd, stride_zcn, stride_zcd,
             which >= 2, FN_MODE, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, EVEN_D,
         )  # fmt: skip
-    tl.store(lse_ptr + rows, (m + tl.log2(l_sum)) * ln2, mask=rmask)  # l_sum = 0 (Den empty): -inf
+    tl.store(lse_ptr + rows, m + tl.log2(l_sum) * ln2, mask=rmask)  # l_sum = 0 (Den empty): -inf
 
 
 # ------------------------------------------------------------------------------------------ backward
@@ -387,7 +392,7 @@ def _contrastive_fwd_kernel(
 #   L = Σ_i gl_i·lse_i + Σ_i (gs_i0·Σ_{j∈P(i)} c_ij + gs_i2·Σ_{j∈F(i)} c_ij + gs_i4·Σ_{j∈A(i)} c_ij)
 # (count columns gs_i1, gs_i3 carry no gradient). With lse_i = log Σ_{j∈Den(i)} exp(c_ij/tau):
 #   ∂lse_i/∂c_ij = [j∈Den(i)]·exp(c_ij/tau − lse_i)/tau,  so
-#   G_ij := ∂L/∂c_ij = [j∈Den(i)]·gl_i·exp2(c_ij·log2(e)/tau − lse_i·log2(e))/tau        (the kernels)
+#   G_ij := ∂L/∂c_ij = [j∈Den(i)]·gl_i·exp2((c_ij·(1/tau) − lse_i)·log2(e))/tau         (the kernels)
 #                     + [j∈P(i)]·gs_i0 + [j∈F(i)]·gs_i2 + [j∈A(i)]·gs_i4                (segment sums)
 # c_ij = z_i·zc_j gives dz_i = Σ_j G_ij zc_j (row pass) and dzc_j = Σ_i G_ij z_i (column pass). The
 # label-set part of Σ_j G_ij zc_j is gs_i0·Σ_P zc + gs_i2·Σ_F zc + gs_i4·Σ_A zc, per row from the same
@@ -409,12 +414,12 @@ def _acc_dot(acc, g, x, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, G_FP32: 
 
 
 @triton.jit
-def _softmax_grad(c, gl, lse2, alpha, inst_a, inst_b, proto_a, proto_b, diag, bounds,
+def _softmax_grad(c, gl, lse, inv_tau, log2e, inst_a, inst_b, proto_a, proto_b, diag, bounds,
                   MASKED: tl.constexpr, FN_MODE: tl.constexpr):  # fmt: skip
-    """[j∈Den(i)]·gl_i/tau·exp2(c·α − lse2_i) for one tile; every argument arrives broadcast to the tile's
-    orientation (anchors on axis 0 in the row pass, on axis 1 in the column pass); diag: g_i == j,
-    bounds: the moving index is in range."""
-    g = gl * tl.exp2(c * alpha - lse2)
+    """[j∈Den(i)]·gl_i/tau·exp(c/tau − lse_i) for one tile, c/tau rounded as in the forward; every argument
+    arrives broadcast to the tile's orientation (anchors on axis 0 in the row pass, on axis 1 in the column
+    pass); diag: g_i == j, bounds: the moving index is in range."""
+    g = gl * tl.exp2((c * inv_tau - lse) * log2e)
     if FN_MODE == 1:
         out = (proto_a == proto_b) & (inst_a != inst_b)
         if MASKED:
@@ -426,18 +431,17 @@ def _softmax_grad(c, gl, lse2, alpha, inst_a, inst_b, proto_a, proto_b, diag, bo
 
 
 @triton.jit
-def _load_anchor(grad_lse_ptr, lse_ptr, rows, rmask, inv_tau, log2e):
+def _load_anchor(grad_lse_ptr, lse_ptr, rows, rmask, inv_tau):
     gl = tl.load(grad_lse_ptr + rows, mask=rmask, other=0.0) * inv_tau
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * log2e)
-    return gl, lse2
+    return gl, tl.where(lse == float("-inf"), 0.0, lse)
 
 
 @triton.jit
 def _bwd_rows_range(
     acc, t_start, t_end,
     q, z_ptr, zc_ptr, instc_ptr, protoc_ptr,
-    rows, rmask, gi, inst_i, proto_i, gl, lse2, alpha,
+    rows, rmask, gi, inst_i, proto_i, gl, lse, inv_tau, log2e,
     Nc, D, d_out0, stride_zn, stride_zd, stride_zcn, stride_zcd,
     MASKED: tl.constexpr, FN_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -458,7 +462,7 @@ def _bwd_rows_range(
             instc = cols
             protoc = cols
         g = _softmax_grad(
-            c, gl[:, None], lse2[:, None], alpha, inst_i[:, None], instc[None, :], proto_i[:, None],
+            c, gl[:, None], lse[:, None], inv_tau, log2e, inst_i[:, None], instc[None, :], proto_i[:, None],
             protoc[None, :], gi[:, None] == cols[None, :], cmask[None, :], MASKED, FN_MODE,
         )  # fmt: skip
         acc = _acc_dot(acc, g, k, DOT_PRECISION, ACC, G_FP32)
@@ -489,10 +493,9 @@ def _contrastive_bwd_rows_kernel(
     inst_i = tl.load(inst_ptr + rows, mask=rmask, other=-1)
     proto_i = tl.load(proto_ptr + rows, mask=rmask, other=-1)
     proto_i = tl.where(proto_i >= 0, proto_i, -2)
-    alpha = tl.load(consts_ptr)
-    inv_tau = tl.load(consts_ptr + 2)
-    log2e = tl.load(consts_ptr + 3)
-    gl, lse2 = _load_anchor(grad_lse_ptr, lse_ptr, rows, rmask, inv_tau, log2e)
+    inv_tau = tl.load(consts_ptr)
+    log2e = tl.load(consts_ptr + 2)
+    gl, lse = _load_anchor(grad_lse_ptr, lse_ptr, rows, rmask, inv_tau)
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(
         z_ptr + rows[:, None] * stride_zn + offs_d[None, :] * stride_zd,
@@ -508,7 +511,7 @@ def _contrastive_bwd_rows_kernel(
         t_start, t_end = _plan_ranges(which, *plan)
         acc = _bwd_rows_range(
             acc, t_start, t_end, q, z_ptr, zc_ptr, instc_ptr, protoc_ptr,
-            rows, rmask, gi, inst_i, proto_i, gl, lse2, alpha,
+            rows, rmask, gi, inst_i, proto_i, gl, lse, inv_tau, log2e,
             Nc, D, d_out0, stride_zn, stride_zd, stride_zcn, stride_zcd,
             which >= 2, FN_MODE, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
         )  # fmt: skip
@@ -523,7 +526,7 @@ def _contrastive_bwd_rows_kernel(
 def _bwd_cols_range(
     acc, t_start, t_end,
     q, z_ptr, zc_ptr, inst_ptr, proto_ptr, grad_lse_ptr, lse_ptr,
-    cols, cmask, instc, protoc, alpha, inv_tau, log2e,
+    cols, cmask, instc, protoc, inv_tau, log2e,
     N, D, d_out0, row_offset, stride_zn, stride_zd, stride_zcn, stride_zcd,
     MASKED: tl.constexpr, FN_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -533,7 +536,7 @@ def _bwd_cols_range(
     for t in range(t_start, t_end):
         rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
-        gl, lse2 = _load_anchor(grad_lse_ptr, lse_ptr, rows, rmask, inv_tau, log2e)
+        gl, lse = _load_anchor(grad_lse_ptr, lse_ptr, rows, rmask, inv_tau)
         if FN_MODE == 1:
             inst_i = tl.load(inst_ptr + rows, mask=rmask, other=-1)
             proto_i = tl.load(proto_ptr + rows, mask=rmask, other=-1)
@@ -547,7 +550,7 @@ def _bwd_cols_range(
             BLOCK_N, BLOCK_M, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, not MASKED, EVEN_D,
         )  # fmt: skip
         gt = _softmax_grad(
-            ct, gl[None, :], lse2[None, :], alpha, inst_i[None, :], instc[:, None], proto_i[None, :],
+            ct, gl[None, :], lse[None, :], inv_tau, log2e, inst_i[None, :], instc[:, None], proto_i[None, :],
             protoc[:, None], (row_offset + rows)[None, :] == cols[:, None], rmask[None, :], MASKED, FN_MODE,
         )  # fmt: skip
         acc = _acc_dot(acc, gt, zi, DOT_PRECISION, ACC, G_FP32)
@@ -576,9 +579,8 @@ def _contrastive_bwd_cols_kernel(
     cmask = cols < Nc
     instc = tl.load(instc_ptr + cols, mask=cmask, other=-3)
     protoc = tl.load(protoc_ptr + cols, mask=cmask, other=-3)
-    alpha = tl.load(consts_ptr)
-    inv_tau = tl.load(consts_ptr + 2)
-    log2e = tl.load(consts_ptr + 3)
+    inv_tau = tl.load(consts_ptr)
+    log2e = tl.load(consts_ptr + 2)
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(
         zc_ptr + cols[:, None] * stride_zcn + offs_d[None, :] * stride_zcd,
@@ -595,7 +597,7 @@ def _contrastive_bwd_cols_kernel(
         t_start, t_end = _plan_ranges(which, *plan)
         acc = _bwd_cols_range(
             acc, t_start, t_end, q, z_ptr, zc_ptr, inst_ptr, proto_ptr, grad_lse_ptr, lse_ptr,
-            cols, cmask, instc, protoc, alpha, inv_tau, log2e,
+            cols, cmask, instc, protoc, inv_tau, log2e,
             N, D, d_out0, row_offset, stride_zn, stride_zd, stride_zcn, stride_zcd,
             which >= 2, FN_MODE, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
         )  # fmt: skip
@@ -700,7 +702,7 @@ def _common(z: torch.Tensor, tau: float, fn_mode: str):
     d_single = bd >= d
     if not d_single:
         bd = min(128, row_bytes)
-    consts = scalars([LOG2_E / tau, LN_2, 1.0 / tau, LOG2_E], z.dtype, z.device)
+    consts = scalars([1.0 / tau, LN_2, LOG2_E], z.dtype, z.device)
     meta = dict(
         FN_MODE=FN_MODES[fn_mode],
         BLOCK_D=bd,

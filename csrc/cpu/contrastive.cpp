@@ -163,6 +163,11 @@ PROTOCLR_ALWAYS_INLINE inline void bwd_tile(T* tile, int64_t nr, int64_t nc, int
     const bool softmax = gl[i] != T(0) && lse_i > neg_inf<T>() && lse_i < -neg_inf<T>();
     const T scale = softmax ? gl[i] * inv_tau : T(0);
     const T shift = softmax ? lse_i : -neg_inf<T>();  // +inf: the weight is exp(-inf) = 0, never 0 * inf
+    // x = c / tau rounded exactly as in fwd_tile, in a loop of its own: fused into c * inv_tau - lse (an FMA)
+    // the product would be exact while lse was summed from rounded products, and that mismatch, up to half
+    // an ulp of 1/tau, scales every softmax weight (rel. error ~6e-8/tau; NaN near tau = 1e-20).
+#pragma omp simd
+    for (int64_t j = 0; j < nc; ++j) c[j] *= inv_tau;
 #pragma omp simd
     for (int64_t j = 0; j < nc; ++j) {
       const int64_t inst_j = instc[j], proto_j = protoc[j];
@@ -170,7 +175,7 @@ PROTOCLR_ALWAYS_INLINE inline void bwd_tile(T* tile, int64_t nr, int64_t nc, int
       const bool pos = in_pos(gi, c0 + j, inst_i, inst_j);
       const bool fneg = in_false_neg(inst_i, inst_j, proto_i, proto_j);
       const bool den = in_den(kMask ? kFnMask : kFnNone, all, fneg);
-      const T e = scale * vexp(c[j] * inv_tau - shift);
+      const T e = scale * vexp(c[j] - shift);
       c[j] = (den ? e : T(0)) + (pos ? gs0 : T(0)) + (fneg ? gs2 : T(0)) + (all ? gs4 : T(0));
     }
   }
