@@ -70,6 +70,8 @@ def test_config_errors(tmp_path):
         config.resolve(None, {}, ["aug.crop_scale=[0.5]"])
     with pytest.raises(ValueError, match="loss.fn_mode must be one of"):
         config.resolve(None, {}, ["loss.fn_mode=drop"])
+    with pytest.raises(ValueError, match=r"cluster.features must be one of \['pass', 'bank'\]"):
+        config.resolve(None, {}, ["cluster.features=memory"])
     with pytest.raises(ValueError, match="key=value"):
         config.resolve(None, {}, ["epochs"])
     with pytest.raises(ValueError, match="batch_size must be even"):
@@ -321,6 +323,53 @@ def test_resume_across_epoch_boundary_is_exact(tmp_path, small_digits, backend, 
     assert torch.equal(a["prototypes"]["ids"], b["prototypes"]["ids"]) and a["prototypes"]["epoch"] == 1
 
 
+def test_feature_bank_resume_is_exact(tmp_path, small_digits):
+    """cluster.features=bank: E-steps after the first cluster the bank, with no second pass; a run stopped mid-epoch
+    (its checkpoint holds the bank's rows so far) or at an epoch's end (the E-step ran before the checkpoint, which
+    holds no bank) resumes bitwise as the straight run; the 8 images drop_last leaves get no prototype."""
+    from protoclr.trainer import train
+
+    extra = ["batch_size=64", "cluster.k=4", "cluster.features=bank", "epochs=4"]  # 3 steps per epoch on 200 images
+    train(small_cfg(tmp_path / "a", small_digits, *extra, max_steps=8))
+    log = (tmp_path / "a" / "train.log").read_text()
+    assert log.count("| features ") == 1 and log.count("| bank ") == 2  # a pass for epoch 0 only
+    train(small_cfg(tmp_path / "b", small_digits, *extra, max_steps=4))
+    mid = _final_state(tmp_path / "b")
+    assert (mid["epoch"], mid["step_in_epoch"], mid["bank"]["epoch"]) == (1, 1, 1)
+    assert mid["bank"]["index"].numel() == 64 and mid["bank"]["feats"].shape == (64, 32)  # one batch of C=32
+    train(small_cfg(tmp_path / "b", small_digits, *extra, max_steps=8, resume="auto"))
+    train(small_cfg(tmp_path / "c", small_digits, *extra, max_steps=6))
+    boundary = _final_state(tmp_path / "c")
+    assert (boundary["epoch"], boundary["step_in_epoch"], boundary["bank"]) == (2, 0, None)
+    assert boundary["prototypes"]["epoch"] == 2  # computed from epoch 1's bank before the checkpoint
+    train(small_cfg(tmp_path / "c", small_digits, *extra, max_steps=8, resume="auto"))
+    assert (tmp_path / "c" / "train.log").read_text().count("| features ") == 1  # no pass on resume
+    a = _final_state(tmp_path / "a")
+    assert a["prototypes"]["epoch"] == 2 and int((a["prototypes"]["ids"] == -1).sum()) == 200 % 64
+    for other in (_final_state(tmp_path / "b"), _final_state(tmp_path / "c")):
+        assert all(torch.equal(a["model"][k], other["model"][k]) for k in a["model"])
+        assert torch.equal(a["prototypes"]["ids"], other["prototypes"]["ids"])
+        assert torch.equal(a["prototypes"]["centroids"], other["prototypes"]["centroids"])
+
+
+def test_step_loss_fills_the_bank_with_the_view_mean(small_digits):
+    from protoclr.cluster import FeatureBank
+    from protoclr.trainer import step_loss
+
+    cfg = small_cfg(Path("unused"), small_digits)
+    torch.manual_seed(0)
+    model = build_model(cfg).double()
+    views = [torch.randn(6, 3, 8, 8, dtype=torch.float64) for _ in range(2)]
+    index = torch.tensor([9, 2, 14, 0, 7, 3])
+    bank = FeatureBank(20, model.feat_dim, torch.float64)
+    bank.reset(0)
+    step_loss(model, model.head, views, index, torch.full((20,), -1), cfg, distributed=False, bank=bank)
+    h, _, _ = model(views)  # train-mode BatchNorm: the same batch gives the same h
+    want = (h[:6] + h[6:]) / 2
+    torch.testing.assert_close(bank.feats[index], want.detach(), rtol=0, atol=1e-12)
+    assert bank.counts.sum() == 6 and not bank.feats[[1, 4, 19]].any()
+
+
 def _write_folder(root: Path, n_per_class: int, corrupt: bool, offset: int = 0) -> None:
     from sklearn.datasets import load_digits
 
@@ -360,6 +409,23 @@ def test_corrupt_images_do_not_stop_training(tmp_path, backend):
     epochs = [e for e in epochs if e["type"] == "epoch"]
     assert sum(e["skipped"] for e in epochs) >= 1  # the bad files were met, counted and skipped
     assert "skipped" in (out / "train.log").read_text()
+
+
+def test_corrupt_images_get_no_prototype_from_the_bank(tmp_path):
+    """A skipped file never reaches the bank (its batch slot holds a substitute with the substitute's index, met
+    twice and averaged): with cluster.features=bank it gets id -1, as do the images drop_last left out."""
+    from protoclr.data import scan_image_folder
+    from protoclr.trainer import train
+
+    _write_folder(tmp_path / "data" / "train", 7, corrupt=True)
+    _write_folder(tmp_path / "data" / "val", 3, corrupt=False)
+    named = {"data.root": str(tmp_path / "data")}
+    train(tiny_cfg(tmp_path / "out", "batch_size=8", "cluster.k=4", "epochs=2", "cluster.features=bank", **named))
+    ids = checkpoint.load(tmp_path / "out" / "checkpoint.pth")["prototypes"]["ids"]
+    samples = scan_image_folder(tmp_path / "data" / "train").samples
+    bad = [i for i, (path, _) in enumerate(samples) if Path(path).name.startswith("zz_")]
+    assert len(bad) == 3 and (ids[bad] == -1).all()
+    assert int((ids == -1).sum()) <= 3 + 73 % 8 and int((ids >= 0).sum()) >= 70 - 73 % 8
 
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch, small_digits):
