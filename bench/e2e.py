@@ -10,15 +10,22 @@ wrapping the names it calls (nothing in the trainer changes):
     backward  the rest of the backward (model), gradient norm and the trainer's one host sync per step
     optimiser `optimizer.step` (LARS/SGD)
     other     scaler/scheduler update, metrics and logging
-and, once, the E-step (`cluster.cluster_dataset`: feature extraction + PCA + k-means). Each phase boundary
-synchronises the GPU, so the split is exact on the CPU and slightly pessimistic on the GPU (no overlap across
-boundaries). The first --warmup steps (compilation, cudnn autotuning, Triton JIT) are left out.
+and the E-step, per re-clustering: `cluster.cluster_dataset` (cluster.features=pass: a second forward pass
+over the training set + PCA + k-means) or `cluster.cluster_bank` (cluster.features=bank: PCA + k-means on the
+features the training forward left in the bank), plus, with the bank, its fill in each step
+(`FeatureBank.add`, timed on its own and also inside `forward`). The E-step share of an epoch is the
+steady state: with the bank, the first E-step (a pass: no bank yet) is reported apart, so a bank run must cross
+an epoch boundary (--steps >= steps per epoch). Each phase boundary synchronises the GPU, so the split is exact
+on the CPU and slightly pessimistic on the GPU (no overlap across boundaries). The first --warmup steps
+(compilation, cudnn autotuning, Triton JIT) are left out.
 
 Takes train.py's flags and key=value overrides, for example:
 
     python bench/e2e.py                                       # bundled digits preset, CPU, 20 steps
     python bench/e2e.py --steps 30 --device cuda --config configs/cifar_r18.yaml --data /data/cifar10
     python bench/e2e.py --batch-size 256 loss.backend=reference
+    python bench/e2e.py --steps 30 cluster.features=bank                   # E-step share without the second pass
+    python bench/e2e.py --config configs/fmnist.yaml --steps 80 cluster.features=bank
 
 Appends one JSON line to bench/results/e2e_<device>.jsonl (schema: bench/results/README.md) and prints a
 markdown table.
@@ -127,7 +134,7 @@ def instrument(tl: Timeline) -> tuple[dict, callable]:
     from protoclr import cluster, ops, trainer
 
     saved = []
-    info: dict = {"steps_per_epoch": None, "estep_s": []}
+    info: dict = {"steps_per_epoch": None, "estep": [], "fill_s": []}
 
     def patch(mod, name, new):
         saved.append((mod, name, getattr(mod, name)))
@@ -171,13 +178,21 @@ def instrument(tl: Timeline) -> tuple[dict, callable]:
         opt.step = step
         return opt
 
-    orig_estep = cluster.cluster_dataset
+    def timed_estep(fn, source):
+        def wrapper(*a, **kw):
+            t0 = tl.now()
+            r = fn(*a, **kw)
+            info["estep"].append((source, tl.now() - t0))
+            return r
 
-    def cluster_dataset(*a, **kw):
+        return wrapper
+
+    orig_add = cluster.FeatureBank.add
+
+    def bank_add(self, *a, **kw):
         t0 = tl.now()
-        r = orig_estep(*a, **kw)
-        info["estep_s"].append(tl.now() - t0)
-        return r
+        orig_add(self, *a, **kw)
+        info["fill_s"].append(tl.now() - t0)
 
     def knn_eval(*a, **kw):  # the kNN monitor is not part of a training step
         return {"top1": None}
@@ -186,7 +201,9 @@ def instrument(tl: Timeline) -> tuple[dict, callable]:
     patch(trainer, "step_loss", step_loss)
     patch(ops, "spcl_loss", spcl_loss)
     patch(trainer, "build_optimizer", build_optimizer)
-    patch(cluster, "cluster_dataset", cluster_dataset)
+    patch(cluster, "cluster_dataset", timed_estep(cluster.cluster_dataset, "pass"))
+    patch(cluster, "cluster_bank", timed_estep(cluster.cluster_bank, "bank"))
+    patch(cluster.FeatureBank, "add", bank_add)
     patch(trainer, "knn_eval", knn_eval)
 
     def undo():
@@ -241,23 +258,34 @@ def main(argv=None) -> int:
     med = {k: statistics.median(s[k] for s in splits) for k in PHASES}
     med_sum = sum(med.values())  # shares are of this sum, so they add up to 100%
     step_s = statistics.median(sum(s.values()) for s in splits)
-    estep = statistics.median(info["estep_s"]) if info["estep_s"] else None
+    mode = cfg.cluster.features if cfg.cluster.source == "kmeans" else "labels"
+    steady = [t for src, t in info["estep"] if src == mode]
+    if mode == "bank" and info["estep"] and not steady:
+        raise SystemExit(
+            f"e2e: cluster.features=bank, but no E-step from the bank was timed (only the first, a pass); raise "
+            f"--steps past one epoch ({info['steps_per_epoch']} steps)"
+        )
+    estep = statistics.median(steady) if steady else None
+    fill_s = statistics.median(info["fill_s"]) if info["fill_s"] else 0.0  # also inside the step's `forward`
     spe = info["steps_per_epoch"]
     epoch_s = spe * step_s + (estep or 0.0) if spe else None
+    estep_epoch = (estep or 0.0) + spe * fill_s if spe else None  # all the E-step costs an epoch
     images = cfg.batch_size
     row = {
         "schema": common.SCHEMA, "bench": "e2e", "type": "step_split", "device": device.type,
         "run_id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         "config": {"arch": cfg.model.arch, "width": cfg.model.width, "batch_size": cfg.batch_size,
                    "views": cfg.aug.num_views, "image_size": cfg.aug.image_size, "precision": precision,
-                   "loss_backend": backend, "k": cfg.cluster.k, "data": str(cfg.data.root or "digits")},
+                   "loss_backend": backend, "k": cfg.cluster.k, "features": mode,
+                   "data": str(cfg.data.root or (cfg.data.dataset if cfg.data.dataset != "auto" else "digits"))},
         "steps": len(splits), "warmup": args.warmup, "step_ms": 1e3 * step_s,
         "phase_ms": {k: 1e3 * v for k, v in med.items()},
         "phase_share": {k: v / med_sum for k, v in med.items()},
         "img_per_s": images / step_s, "loss_share_step": med["loss"] / med_sum,
-        "estep_s": estep, "steps_per_epoch": spe, "epoch_s_est": epoch_s,
+        "estep_s": estep, "estep_first": dict(zip(("source", "s"), info["estep"][0])) if info["estep"] else None,
+        "bank_fill_ms": 1e3 * fill_s, "steps_per_epoch": spe, "epoch_s_est": epoch_s,
         "loss_share_epoch": (spe * step_s * med["loss"] / med_sum / epoch_s) if epoch_s else None,
-        "estep_share_epoch": (estep / epoch_s) if (epoch_s and estep is not None) else None,
+        "estep_share_epoch": (estep_epoch / epoch_s) if (epoch_s and estep is not None) else None,
         "wall_s": wall, "train_result": {k: result.get(k) for k in ("step", "seconds")},
         "env": common.env_info(device),
     }  # fmt: skip
@@ -272,7 +300,8 @@ def render(row: dict) -> str:
     c = row["config"]
     lines = [
         f"**{row['env'].get('device_name')}**: {c['arch']} w{c['width']}, {c['batch_size']} images × "
-        f"{c['views']} views at {c['image_size']} px, {c['precision']}, loss backend {c['loss_backend']}, K={c['k']}; "
+        f"{c['views']} views at {c['image_size']} px, {c['precision']}, loss backend {c['loss_backend']}, K={c['k']}, "
+        f"E-step features: {c.get('features', 'pass')}; "
         f"median of {row['steps']} steps: {row['step_ms']:.1f} ms/step, {row['img_per_s']:.0f} img/s",
         "",
         "| phase | ms/step | share of step |",
@@ -281,12 +310,20 @@ def render(row: dict) -> str:
     for k in PHASES:
         lines.append(f"| {k} | {row['phase_ms'][k]:.1f} | {100 * row['phase_share'][k]:.1f}% |")
     if row["epoch_s_est"]:
+        fill = row.get("bank_fill_ms") or 0.0
         lines += [
             "",
             f"Epoch estimate: {row['steps_per_epoch']} steps × {row['step_ms']:.1f} ms + E-step "
-            f"{row['estep_s'] or 0:.1f} s = {row['epoch_s_est']:.1f} s; loss {100 * row['loss_share_epoch']:.1f}% and "
+            f"{row['estep_s'] or 0:.2f} s = {row['epoch_s_est']:.1f} s; loss {100 * row['loss_share_epoch']:.1f}% and "
             f"clustering {100 * (row['estep_share_epoch'] or 0):.1f}% of the epoch "
-            f"(loss {100 * row['loss_share_step']:.1f}% of a step).",
+            f"(loss {100 * row['loss_share_step']:.1f}% of a step)"
+            + (f"; bank fill {fill:.2f} ms/step counted in the E-step" if fill else "")
+            + (
+                f"; first E-step ({row['estep_first']['source']}) {row['estep_first']['s']:.2f} s"
+                if row.get("estep_first") and c.get("features") == "bank"
+                else ""
+            )
+            + ".",
         ]
     return "\n".join(lines)
 
