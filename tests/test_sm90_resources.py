@@ -132,6 +132,24 @@ def test_triton_default_configs_fit_sm90(tmp_path):
     assert all(r["role"] == "default" for r in rows if r.get("part") == "triton")
 
 
+def test_triton_attract_and_fp64_defaults_fit_sm90(tmp_path):
+    """The variants the run above leaves to the slow sweep and that CI must still see: fn_mode attract (the
+    largest contrastive register footprint) and fp64 (every kernel; spills reported, see NO_SPILL_DTYPES)."""
+    rows, log = _audit(
+        tmp_path,
+        "--quick",
+        "--no-cuda",
+        "--cases", "d128,compass",
+        "--dtypes", "fp32,fp64",
+        "--fn-modes", "attract",
+        timeout=900,
+    )  # fmt: skip
+    print(log[-3000:])
+    _check_triton(rows, expect_min=len(TRITON_KERNELS) + 3)
+    assert {r["dtype"] for r in rows if r.get("part") == "triton"} == {"fp32", "fp64"}
+    assert {r.get("fn_mode") for r in rows if "contrastive" in r.get("kernel", "")} == {"attract"}
+
+
 @pytest.mark.slow
 def test_triton_every_default_config_fits_sm90(tmp_path):
     """Every variant the launchers can select (ragged sizes, D = 100, fn_mode attract, fp64, the opt-in fp32
