@@ -47,7 +47,7 @@ def brute_siamese(h, inst, proto, w, b, pairs=None, balance=True):
     for i, j in plist:
         y = int(inst[i] == inst[j] or (proto[i] >= 0 and proto[i] == proto[j]))
         d = (w.reshape(-1) * (h[i] - h[j]).abs()).sum() + b.reshape(())
-        per[y].append(F.softplus(d) - y * d)
+        per[y].append(F.softplus(d, threshold=math.inf) - y * d)  # exact: no linear branch above d = 20
     if balance:
         means = [torch.stack(v).mean() for v in per.values() if v]
         return torch.stack(means).mean()
@@ -146,6 +146,35 @@ def test_siamese_pairs_match_brute_force(balance):
     assert rel_err(got, want) < 1e-12
     for g, gw in zip(_grads(got, b["h"], b["weight"]), _grads(want, b["h"], b["weight"])):
         assert rel_err(g, gw) < 1e-11
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_siamese_exact_for_large_logits(balance):
+    """|d| > 20, where F.softplus(d) returns d itself (off by up to 2e-9 per pair): the reference lost ~1e-10
+    against exact float64 pair sums (the loss 1e-11, dh 1e-10), which read as a cpu error past one tile."""
+    b = make_batch(8, 2, dh=8, k=2, requires_grad=True)
+    h = (b["h"].detach() * 30).requires_grad_()
+    args = (h, b["inst"], b["proto"], b["weight"], b["bias"])
+    got = ops.siamese_loss(*args, balance=balance, backend="reference")
+    # the loss in plain Python floats, softplus(d) - y·d = softplus(±d) = max(±d, 0) + log1p(exp(-|d|))
+    n, hl, w, bias = h.size(0), h.tolist(), b["weight"].tolist(), b["bias"].item()
+    inst, proto = b["inst"].tolist(), b["proto"].tolist()
+    per, ds = {0: [], 1: []}, []
+    for i in range(n):
+        for j in range(i + 1, n):
+            y = int(inst[i] == inst[j] or (proto[i] >= 0 and proto[i] == proto[j]))
+            d = math.fsum(wk * abs(a - c) for wk, a, c in zip(w, hl[i], hl[j])) + bias
+            ds.append(d)
+            x = -d if y else d
+            per[y].append(max(x, 0.0) + math.log1p(math.exp(-abs(x))))
+    if balance:
+        want = sum(math.fsum(v) / len(v) for v in per.values() if v) / sum(1 for v in per.values() if v)
+    else:
+        want = math.fsum(per[0] + per[1]) / (len(per[0]) + len(per[1]))
+    assert max(ds) > 20 and abs(got.item() - want) <= 1e-14 * abs(want)
+    brute = brute_siamese(*args, balance=balance)
+    for g, gw in zip(_grads(got, h, b["weight"], b["bias"]), _grads(brute, h, b["weight"], b["bias"])):
+        assert rel_err(g, gw) < 1e-13
 
 
 def test_siamese_gradcheck():

@@ -39,11 +39,23 @@ def _check(backend, device, b, balance, dtype):
             assert e <= 2 * e_ref + 1e-6
 
 
+# n = 300 spans several tiles in rows and columns (cpu: 16-row forward and 32-row backward blocks, 64 columns;
+# Triton's interpreter: 128 x 128 tiles, 8 features per step, so Dh = 45 spans features too).
 @pytest.mark.parametrize("balance", [True, False])
-@pytest.mark.parametrize("n", [2, 3, 97])
+@pytest.mark.parametrize("n", [2, 3, 97, 300])
 def test_parity_float64(backend, balance, n):
     name, device = backend
     _check(name, device, make_batch_n(n, dh=45, k=3), balance, torch.float64)
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_parity_float64_large_logits(backend, balance):
+    """|d| > 20 on many pairs: the reference's F.softplus was off by up to 2e-9 per pair there (its linear
+    branch), which read as a 1e-10 float64 error of the cpu kernels past one tile (N=150, Dh=38)."""
+    name, device = backend
+    b = make_batch_n(150, dh=38, k=3)
+    b["h"] = b["h"] * 30
+    _check(name, device, b, balance, torch.float64)
 
 
 @pytest.mark.parametrize("balance", [True, False])
