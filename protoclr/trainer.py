@@ -154,8 +154,9 @@ def _train(cfg: Config) -> dict:
     out = Path(cfg.out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale_temporaries(out)  # a run killed while saving left one
     setup_logging(out if main else None, rank)
+    if main:
+        checkpoint.remove_stale_temporaries(out)  # a run killed while saving left one (logged)
     sha = git_sha()
     log.info(
         "protoclr %s | git %s | torch %s | %d process(es), device %s, %d CPU thread(s)",

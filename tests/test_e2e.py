@@ -58,7 +58,7 @@ def test_cli_train_resume_auto_and_eval(tmp_path):
     proc = _run("train.py", "--out", str(out), "--max-steps", "5", "--resume", "auto", "--device", "cpu", *TINY)
     second = _last_json(proc)
     assert second["step"] == 5
-    assert not stale.exists()  # removed when the run starts
+    assert not stale.exists() and "removed 1 stale temporary file(s)" in proc.stdout  # when the run starts
     assert f"resume: {out / 'checkpoint.pth'} at epoch 0, step 3" in proc.stdout
     assert "epoch 0 step 4/5 | loss" in proc.stdout  # continues at step 4, not 1
     lines = (out / "metrics.csv").read_text().splitlines()
