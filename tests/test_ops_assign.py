@@ -43,6 +43,49 @@ def test_ties_take_lowest_index(backend):
     assert idx.tolist() == [301]
 
 
+def test_non_finite_input_gives_nan_scores(backend):
+    """NaN in, NaN out, the same on every backend (SPEC §3): a score that involves a non-finite x_m, c_k or bias_k
+    is NaN and the row takes the lowest such k (torch.max's rule). Before, cpu and triton skipped a NaN
+    prototype and returned finite scores, and a NaN row scored -inf."""
+    name, device = backend
+    x = torch.randn(70, 9)
+    c = torch.randn(300, 9)
+    x[5, 1], x[66, 0] = float("nan"), float("inf")
+    cases = {"x": (x, c, None)}
+    c_bad = c.clone()
+    c_bad[200, 3], c_bad[140, 5] = float("nan"), -float("inf")
+    cases["prototypes"] = (torch.randn(70, 9), c_bad, None)
+    bias = torch.randn(300)
+    bias[299], bias[17] = float("inf"), float("nan")
+    cases["bias"] = (torch.randn(70, 9), c, bias)
+    for what, (xx, cc, bb) in cases.items():
+        want_idx, want_score = ops.assign(xx, cc, bb, backend="reference")
+        idx, score = ops.assign(xx.to(device), cc.to(device), None if bb is None else bb.to(device), backend=name)
+        idx, score = idx.cpu(), score.cpu()
+        assert torch.equal(idx, want_idx) and torch.equal(score.isnan(), want_score.isnan()), what
+        ok = ~want_score.isnan()
+        assert torch.allclose(score[ok], want_score[ok], rtol=1e-5, atol=1e-5), what
+    assert want_idx.eq(17).all()  # the lowest non-finite bias
+    idx, score = ops.assign(x, c, backend="reference")
+    assert idx[[5, 66]].tolist() == [0, 0] and score.isnan().sum() == 2
+    idx, score = ops.assign(cases["prototypes"][0], c_bad, backend="reference")
+    assert idx.eq(140).all() and score.isnan().all()
+
+
+def test_non_finite_rule_needs_no_host_sync(backend):
+    """The rule is decided on the device: torch.compile(fullgraph=True) would break the graph at a host sync."""
+    name, device = backend
+    impl = ops.resolve(name, device)
+
+    def f(x, c):
+        return ops._assign_non_finite(x, c, None, *impl.assign(x, c, None))
+
+    x, c = torch.randn(20, 8, device=device), torch.randn(5, 8, device=device)
+    c[2, 1] = float("nan")
+    idx, score = torch.compile(f, fullgraph=True, backend="aot_eager")(x, c)
+    assert idx.eq(2).all() and score.isnan().all()
+
+
 def test_nearest_centroid_bias(backend):
     name, device = backend
     x = torch.randn(200, 7, dtype=torch.float64, device=device)

@@ -109,6 +109,21 @@ def test_no_negatives(backend, fn_mode):
     _check(name, device, b, fn_mode, torch.float64)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_gives_nan_everywhere(backend, bad):
+    """NaN in, NaN out, the same on every backend (SPEC §3): one non-finite element of z makes the loss and
+    every element of dz NaN. Before, cpu gave a -inf loss for +inf and a partly finite gradient for NaN."""
+    name, device = backend
+    b = make_batch(6, 2, dz=8, k=2, dtype=torch.float32)
+    z = b["z"].detach().clone()
+    z[3, 2] = bad
+    for backend_name, dev in (("reference", "cpu"), (name, device)):
+        zz = z.to(dev).requires_grad_()
+        loss = ops.contrastive_loss(zz, b["inst"].to(dev), b["proto"].to(dev), fn_mode="mask", backend=backend_name)
+        (g,) = torch.autograd.grad(loss, zz)
+        assert loss.isnan() and g.isnan().all(), backend_name
+
+
 def test_stats_match_reference(backend):
     name, device = backend
     b = make_batch(40, 2, dz=24, k=4, device="cpu")

@@ -70,6 +70,22 @@ def test_parity_low_precision(backend, dtype):
     _check(name, device, make_batch(60, 2, dh=96, k=4), True, dtype)
 
 
+@pytest.mark.parametrize("where", ["h", "weight", "bias"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_gives_nan_everywhere(backend, where, bad):
+    """NaN in, NaN out, the same on every backend (SPEC §3): one non-finite element of h, weight or bias makes
+    the loss and every element of dh, dw and db NaN. Before, Inf in h gave cpu/triton finite gradients."""
+    name, device = backend
+    b = make_batch(5, 2, dh=6, k=2, dtype=torch.float32)
+    b[where] = b[where].detach().clone()
+    b[where].view(-1)[-1] = bad
+    for backend_name, dev in (("reference", "cpu"), (name, device)):
+        h, w, bias = (b[k].detach().to(dev).requires_grad_() for k in ("h", "weight", "bias"))
+        loss = ops.siamese_loss(h, b["inst"].to(dev), b["proto"].to(dev), w, bias, backend=backend_name)
+        grads = torch.autograd.grad(loss, (h, w, bias))
+        assert loss.isnan() and all(g.isnan().all() for g in grads), backend_name
+
+
 def test_one_class_only(backend):
     """All pairs positive (one prototype, no unknowns): the balanced mean has one class."""
     name, device = backend

@@ -107,6 +107,19 @@ def _global_sum(t: torch.Tensor, group) -> torch.Tensor:
     return dist.all_reduce_sum(t, g) if on else t
 
 
+def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """0-dim bool on the tensors' device: no NaN or ±inf in any of them (no host sync)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def _nan_in_nan_out(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """SPEC §3 non-finite inputs, one behaviour for every backend, decided on the device: each tensor times 1,
+    or times NaN when any of them holds a NaN or ±inf. The loss is then NaN and so is every element of every
+    gradient (the factor multiplies them too), whatever a kernel would make of the lone non-finite value."""
+    factor = torch.where(_all_finite(*tensors), 1.0, float("nan"))
+    return [t * factor.to(t.dtype) for t in tensors]
+
+
 # ---------------------------------------------------------------------------------------------- assign
 
 
@@ -124,7 +137,8 @@ def assign(
 
     Returns:
         idx (M,) int64 = argmax_k x_m·c_k + bias_k, lowest k on ties; score (M,) the maximum, float32
-        (float64 for float64 x). No gradient.
+        (float64 for float64 x). No gradient. A non-finite x_m, c_k or bias_k makes every score it enters NaN;
+        such a row takes the lowest such k (as torch.max does for NaN), on every backend.
 
     Raises:
         ValueError: shapes, dtypes or devices that do not match.
@@ -134,7 +148,21 @@ def assign(
         return x.new_empty(0, dtype=torch.int64), x.new_empty(0, dtype=checks.stat_dtype(x.dtype))
     if bias is not None:
         bias = bias.to(checks.stat_dtype(x.dtype))
-    return resolve(backend, x.device).assign(x, prototypes, bias)
+    idx, score = resolve(backend, x.device).assign(x, prototypes, bias)
+    return _assign_non_finite(x, prototypes, bias, idx, score)
+
+
+def _assign_non_finite(x, prototypes, bias, idx, score):
+    """NaN in, NaN out (SPEC §3), the same on every backend, without a host sync: a score that involves a
+    non-finite x_m, c_k or bias_k is NaN, and such a row takes the lowest such k (torch.max's rule for NaN)."""
+    bad_k = ~torch.isfinite(prototypes).all(1)  # (K,)
+    if bias is not None:
+        bad_k |= ~torch.isfinite(bias)
+    bad_m = ~torch.isfinite(x).all(1)  # (M,): every score of the row
+    any_k = bad_k.any()
+    first_k = torch.where(bad_m, 0, bad_k.to(torch.uint8).argmax())  # argmax: the first True
+    bad = bad_m | any_k
+    return torch.where(bad, first_k, idx), torch.where(bad, float("nan"), score)
 
 
 # ------------------------------------------------------------------------------------------ contrastive
@@ -142,6 +170,7 @@ def assign(
 
 def _contrastive_terms(impl, z, inst, proto, tau, fn_mode, group):
     """(loss, stats rows (N, 5) detached, n_anchors) for this rank's rows; loss already global (SPEC 1.1, §4)."""
+    (z,) = _nan_in_nan_out(z)
     zc, instc, protoc, offset = _columns(group, z, inst, proto)
     lse, st = impl.contrastive(z, zc, inst, instc, proto, protoc, offset, float(tau), fn_mode)
     if fn_mode == "attract":
@@ -180,7 +209,8 @@ def contrastive_loss(
 
     Returns:
         0-dim float32 (float64 for float64 z) mean over anchors with at least one positive; 0 when no
-        anchor has one (degenerate batch; gradients are then zero).
+        anchor has one (degenerate batch; gradients are then zero). A NaN or ±inf in z gives a NaN loss and
+        an all-NaN gradient on every backend.
 
     Raises:
         ValueError: bad shapes, dtypes, devices, N < 2, labels out of range, tau outside
@@ -213,8 +243,7 @@ def _pair_sums(h, inst, proto, weight, bias, pairs, impl, group):
 
 def _siamese_terms(impl, h, inst, proto, weight, bias, pairs, balance, group):
     acc = checks.stat_dtype(h.dtype)
-    weight = weight.reshape(-1).to(acc)
-    bias = bias.reshape(1).to(acc)
+    h, weight, bias = _nan_in_nan_out(h, weight.reshape(-1).to(acc), bias.reshape(1).to(acc))
     sums, counts = _pair_sums(h, inst, proto, weight, bias, pairs, impl, group)
     counts = _global_sum(counts, group)
     if balance:
@@ -251,7 +280,8 @@ def siamese_loss(
         group: None, or a process group / "world" (see module docstring).
 
     Returns:
-        0-dim float32 (float64 for float64 h). Gradients flow to h, weight and bias; sign(0) = 0.
+        0-dim float32 (float64 for float64 h). Gradients flow to h, weight and bias; sign(0) = 0. A NaN or
+        ±inf in h, weight or bias gives a NaN loss and all-NaN gradients on every backend.
 
     Raises:
         ValueError: bad shapes, dtypes, devices, N < 2, labels or pair indices out of range.
