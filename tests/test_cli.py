@@ -56,6 +56,7 @@ def test_train_user_errors_are_one_line(files, capsys, monkeypatch):
         return _one_line_exit_2(capsys, cli.main, [*run, *argv], expect)
 
     fails_with("does not exist", "--data", str(files / "missing"))
+    fails_with("--config file", *data, "--config", str(files / "missing.yaml"))
     fails_with("no images", "--data", str(files / "empty"))
     fails_with("found 2 class folder(s)", "--data", str(files / "no_images"))
     fails_with("batch_size=64 exceeds the 45 training images", *data, "batch_size=64")
@@ -100,6 +101,7 @@ def test_eval_user_errors_are_one_line(files, capsys):
     fails_with("does not exist", "--ckpt", ckpt, "--data", str(files / "missing"))
     fails_with("no images", "--ckpt", ckpt, "--data", str(files / "empty"))
     fails_with("--init trained needs --ckpt", "--data", str(files / "data"))
+    fails_with("no held-out set", "--ckpt", ckpt, "--data", str(files / "data"), "data.holdout=0")
     if not torch.cuda.is_available():
         fails_with("CUDA is not available", "--ckpt", ckpt, "--device", "cuda")
 

@@ -113,8 +113,10 @@ def test_eval_cli_knn_linear_and_baselines(trained_ckpt, capsys):
     px = eval_main(["knn", "--features", "pixels", "--data", data, "aug.image_size=8", "--k", "5"])
     assert rnd["init"] == "random" and px["features"] == "pixels" and px["k"] == 5
     assert all(math.isfinite(r["top1"]) for r in (rnd, px))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:  # a user error (exit 2, one line), not argparse or a crash
         eval_main(["knn", "--init", "trained", "--data", data])  # no checkpoint to evaluate
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--init trained needs --ckpt" in err and len(err.splitlines()) == 1
 
 
 def test_eval_drops_unreadable_images(trained_ckpt, tmp_path, capsys):
