@@ -122,6 +122,11 @@ def test_non_finite_input_gives_nan_everywhere(backend, bad):
         loss = ops.contrastive_loss(zz, b["inst"].to(dev), b["proto"].to(dev), fn_mode="mask", backend=backend_name)
         (g,) = torch.autograd.grad(loss, zz)
         assert loss.isnan() and g.isnan().all(), backend_name
+    # also where the loss does not depend on z (no anchor has a positive: 0 for finite z)
+    inst = torch.arange(12, device=device)
+    zz = z.to(device).requires_grad_()
+    loss = ops.contrastive_loss(zz, inst, torch.full_like(inst, -1), backend=name)
+    assert loss.isnan() and torch.autograd.grad(loss, zz)[0].isnan().all()
 
 
 def test_stats_match_reference(backend):

@@ -112,12 +112,13 @@ def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
-def _nan_in_nan_out(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """SPEC §3 non-finite inputs, one behaviour for every backend, decided on the device: each tensor times 1,
-    or times NaN when any of them holds a NaN or ±inf. The loss is then NaN and so is every element of every
-    gradient (the factor multiplies them too), whatever a kernel would make of the lone non-finite value."""
+def _nan_in_nan_out(*tensors: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """SPEC §3 non-finite inputs, one behaviour for every backend, decided on the device: (factor, tensors
+    times factor), factor 1, or NaN when any tensor holds a NaN or ±inf. The caller multiplies its loss by the
+    factor too: the loss is NaN and so is every element of every gradient, whatever a kernel would make of a
+    lone non-finite value (or a degenerate batch whose loss does not depend on the inputs)."""
     factor = torch.where(_all_finite(*tensors), 1.0, float("nan"))
-    return [t * factor.to(t.dtype) for t in tensors]
+    return factor, [t * factor.to(t.dtype) for t in tensors]
 
 
 # ---------------------------------------------------------------------------------------------- assign
@@ -170,7 +171,7 @@ def _assign_non_finite(x, prototypes, bias, idx, score):
 
 def _contrastive_terms(impl, z, inst, proto, tau, fn_mode, group):
     """(loss, stats rows (N, 5) detached, n_anchors) for this rank's rows; loss already global (SPEC 1.1, §4)."""
-    (z,) = _nan_in_nan_out(z)
+    nan_if_bad, (z,) = _nan_in_nan_out(z)
     zc, instc, protoc, offset = _columns(group, z, inst, proto)
     lse, st = impl.contrastive(z, zc, inst, instc, proto, protoc, offset, float(tau), fn_mode)
     if fn_mode == "attract":
@@ -181,7 +182,7 @@ def _contrastive_terms(impl, z, inst, proto, tau, fn_mode, group):
     # Rows without positives contribute 0 (and no gradient); their lse may be -inf.
     rows = torch.where(has_pos, lse - pos_sum / (tau * pos_cnt.clamp(min=1)), torch.zeros_like(lse))
     n_anchors = _global_sum(has_pos.sum().to(lse.dtype), group)
-    local = rows.sum() / n_anchors.clamp(min=1)
+    local = rows.sum() / n_anchors.clamp(min=1) * nan_if_bad.to(lse.dtype)
     return _finish(local, group), st.detach(), zc.size(0)
 
 
@@ -243,7 +244,7 @@ def _pair_sums(h, inst, proto, weight, bias, pairs, impl, group):
 
 def _siamese_terms(impl, h, inst, proto, weight, bias, pairs, balance, group):
     acc = checks.stat_dtype(h.dtype)
-    h, weight, bias = _nan_in_nan_out(h, weight.reshape(-1).to(acc), bias.reshape(1).to(acc))
+    nan_if_bad, (h, weight, bias) = _nan_in_nan_out(h, weight.reshape(-1).to(acc), bias.reshape(1).to(acc))
     sums, counts = _pair_sums(h, inst, proto, weight, bias, pairs, impl, group)
     counts = _global_sum(counts, group)
     if balance:
@@ -252,7 +253,7 @@ def _siamese_terms(impl, h, inst, proto, weight, bias, pairs, balance, group):
         local = per_class.sum() / present.sum().clamp(min=1).to(sums.dtype)
     else:
         local = sums.sum() / counts.sum().clamp(min=1).to(sums.dtype)
-    return _finish(local, group), counts
+    return _finish(local * nan_if_bad.to(local.dtype), group), counts
 
 
 def siamese_loss(
