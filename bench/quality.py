@@ -228,7 +228,8 @@ def load_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if "method" in r]  # this study's rows (an ablations file may hold older hand-run ones)
 
 
 # ------------------------------------------------------------------------------------------------ report
