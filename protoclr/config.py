@@ -295,6 +295,10 @@ class Config:
         for key in ("loss.tau", "optim.base_lr", "eval.knn_t", "eval.linear_lr"):
             if flat[key] <= 0:
                 raise ValueError(f"config: {key} must be > 0, got {flat[key]!r}")
+        from .ops.checks import TAU_RANGE  # the ops' own bound, checked before any data is read
+
+        if not TAU_RANGE[0] <= self.loss.tau <= TAU_RANGE[1]:
+            raise ValueError(f"config: loss.tau must be in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}], got {self.loss.tau!r}")
         if self.batch_size % 2:
             raise ValueError(f"config: batch_size must be even (the sampler draws image pairs), got {self.batch_size}")
         self.aug.validate()

@@ -63,6 +63,7 @@ def test_train_user_errors_are_one_line(files, capsys, monkeypatch):
     fails_with("they must match", *data, f"data.val={files / 'other'}")
     fails_with("is a file", *data, "--out", str(files / "a_file"))
     fails_with("loss.tau must be a finite number, got nan", *data, "loss.tau=nan")
+    fails_with("loss.tau must be in [0.001, 1000], got 1e-05", *data, "loss.tau=1e-5")
     fails_with("optim.base_lr must be a finite number", *data, "optim.base_lr=.nan")
     fails_with("no such checkpoint", *data, "--resume", str(files / "missing.pth"))
     fails_with("cannot be read: truncated", *data, "--resume", str(files / "truncated.pth"))
