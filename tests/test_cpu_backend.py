@@ -9,7 +9,7 @@ import torch
 
 from protoclr import ops
 from protoclr.ops import backend_ext, backend_reference
-from tests.helpers import make_batch_n, rel_err
+from tests.helpers import make_batch, make_batch_n, rel_err
 
 MODES = ("none", "mask", "attract")
 
@@ -159,6 +159,73 @@ def test_opcheck_split():
         torch.ops.protoclr.siamese_fwd.default,
         (h.requires_grad_(), hc.requires_grad_(), *lab, w.requires_grad_(), bias.requires_grad_(), r0),
     )
+
+
+# ------------------------------------------------------------------- symmetric form (zc is z, row_offset 0)
+# csrc/cpu/contrastive.cpp visits only the tiles (I, J >= I) when rows and columns are one set; square tiles of
+# 32..256 rows (at least ~4 strips per thread), so 613 rows span 8 (1 thread) or 13 (2 threads) ragged strips.
+
+SYM_BATCHES = {  # name: (rows, views per image)
+    "n2": (2, 2),
+    "v3": (63, 3),
+    "n97": (97, 2),
+    "n613": (613, 2),
+}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _sym_batch(name, dtype):
+    n, views = SYM_BATCHES[name]
+    b = make_batch(n // views, views, dz=40, k=5) if views != 2 else make_batch_n(n, dz=40, k=5)
+    return b["z"].detach().to(dtype), b["inst"], b["proto"]
+
+
+def _fwd(z, zc, inst, instc, proto, protoc, row_offset, fn_mode):
+    return backend_ext.contrastive(z, zc, inst, instc, proto, protoc, row_offset, 0.3, fn_mode)
+
+
+def _fwd_truth(z, zc, inst, instc, proto, protoc, row_offset, fn_mode):
+    """The float64 reference on the inputs as the kernel sees them."""
+    return backend_reference.contrastive(z.double(), zc.double(), inst, instc, proto, protoc, row_offset, 0.3, fn_mode)
+
+
+def _fwd_tol(dtype):
+    return 1e-12 if dtype == torch.float64 else 1e-5  # low precision: fp32 math on the rounded inputs
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *LOW_PRECISION])
+@pytest.mark.parametrize("fn_mode", MODES)
+@pytest.mark.parametrize("batch", list(SYM_BATCHES))
+def test_symmetric_forward(batch, fn_mode, dtype, threads, monkeypatch):
+    """lse and stats of the symmetric kernel (the upper-triangle tiles, column side merged per tile) against the
+    float64 reference and the general row/column kernel (PROTOCLR_CPU_SYMMETRIC=0)."""
+    z, inst, proto = _sym_batch(batch, dtype)
+    args = (z, z, inst, inst, proto, proto, 0, fn_mode)
+    with _threads(threads):
+        sym = _fwd(*args)
+        monkeypatch.setenv("PROTOCLR_CPU_SYMMETRIC", "0")
+        gen = _fwd(*args)
+    truth = _fwd_truth(*args)
+    errs = [rel_err(a, r) for a, r in zip(sym, truth)] + [rel_err(a, r) for a, r in zip(sym, gen)]
+    print(f"symmetric fwd {batch} {fn_mode} {dtype} {threads}t: lse/stats vs truth, vs general " + " ".join(
+        f"{e:.1e}" for e in errs))
+    assert max(errs) <= _fwd_tol(dtype)
+
+
+@pytest.mark.parametrize("fn_mode", MODES)
+@pytest.mark.parametrize("case", ["row_offset", "other_labels"])
+def test_symmetric_form_only_for_one_set(case, fn_mode):
+    """zc is z, but the rows are not the columns (row_offset > 0) or the column labels differ: the masks are not
+    symmetric and the general kernel must run (the symmetric one would exclude the wrong diagonal or mask)."""
+    z, inst, proto = _sym_batch("n613", torch.float64)
+    if case == "row_offset":
+        args = (z, z, inst, inst, proto, proto, 5, fn_mode)
+    else:
+        perm = torch.randperm(z.size(0), generator=torch.Generator().manual_seed(4))
+        args = (z, z, inst, inst[perm], proto, proto[perm], 0, fn_mode)
+    errs = [rel_err(a, r) for a, r in zip(_fwd(*args), _fwd_truth(*args))]
+    assert max(errs) <= 1e-12, errs
 
 
 # ------------------------------------------------------------------------------------ degenerate rows

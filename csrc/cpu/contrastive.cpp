@@ -7,6 +7,9 @@
 //  - Forward: at::parallel_for over row blocks of kFwdRows; each thread walks all column blocks, keeps a
 //    running-max log-sum-exp per row (math.h online_lse_merge of per-tile (max, sum)) and the five per-row
 //    statistics (double across tiles). Nothing but a kFwdRows × kMaxCols tile per thread is materialised.
+//  - Symmetric forward (zc is z, row_offset 0; symmetric_form): S and the masks are symmetric, so only the
+//    tiles (I, J >= I) are computed, each giving its rows' and its columns' statistics (half the GEMM work).
+//    PROTOCLR_CPU_SYMMETRIC=0 keeps the general kernels, which the DDP split always uses.
 //  - Backward recomputes the tiles. It walks row strips of kBwdRows in order and, inside a strip, runs
 //    at::parallel_for over column blocks: the dzc rows of different column blocks are disjoint (no race, no
 //    per-thread Nc × D copy), and dz for the strip is accumulated per thread (kBwdRows × D) and reduced in
@@ -23,7 +26,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -39,6 +44,7 @@ namespace {
 constexpr int64_t kFwdRows = 64;   // forward row block
 constexpr int64_t kBwdRows = 128;  // backward row strip
 constexpr int64_t kMaxCols = 256;  // column block (smaller when there are few columns, to feed every thread)
+constexpr int64_t kSymMax = 256;   // largest square tile of the symmetric kernels
 
 // Row-major C[M×N] = op(A)[M×K] · op(B)[K×N] (+ C when accumulate), on raw buffers with leading dimensions.
 // at::mm_out / at::addmm_out on from_blob views reach MKL/OpenBLAS (the transposes are strides, not copies);
@@ -103,9 +109,13 @@ struct Labels {
 // Forward work on one tile: tile[r * nc + j] = c_ij for rows r0 + r and columns c0 + j. Adds each row's
 // statistics to acc[r] and merges the tile's log-sum-exp into st[r]. Overwrites the tile with the masked,
 // scaled logits (-inf outside Den). All labels are loaded unconditionally so the loops if-convert.
-template <typename T, bool kMask>
+// kCols (the symmetric forward's off-diagonal tiles): the same pairs seen from the columns, whose masks are the
+// rows' (every membership test is symmetric when rows and columns are one set), summed over the tile's rows
+// into col[k * nc + j] (k < 5: the five statistics; k = 5: the running max of the masked logits).
+template <typename T, bool kMask, bool kCols = false>
 PROTOCLR_ALWAYS_INLINE inline void fwd_tile(T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0, int64_t row_offset,
-                                             Labels lab, T inv_tau, OnlineLse<T>* st, double (*acc)[5]) {
+                                             Labels lab, T inv_tau, OnlineLse<T>* st, double (*acc)[5],
+                                             T* col = nullptr) {
   const int64_t* instc = lab.instc + c0;
   const int64_t* protoc = lab.protoc + c0;
   for (int64_t r = 0; r < nr; ++r) {
@@ -129,6 +139,14 @@ PROTOCLR_ALWAYS_INLINE inline void fwd_tile(T* tile, int64_t nr, int64_t nc, int
       const T xm = den ? x : neg_inf<T>();
       mx = xm > mx ? xm : mx;
       c[j] = xm;
+      if constexpr (kCols) {
+        col[j] += pos ? v : T(0);
+        col[nc + j] += pos ? T(1) : T(0);
+        col[2 * nc + j] += fneg ? v : T(0);
+        col[3 * nc + j] += fneg ? T(1) : T(0);
+        col[4 * nc + j] += all ? v : T(0);
+        col[5 * nc + j] = xm > col[5 * nc + j] ? xm : col[5 * nc + j];
+      }
     }
     acc[r][0] += sp;
     acc[r][1] += np;
@@ -141,6 +159,38 @@ PROTOCLR_ALWAYS_INLINE inline void fwd_tile(T* tile, int64_t nr, int64_t nc, int
     for (int64_t j = 0; j < nc; ++j) s += vexp(c[j] - mx);
     online_lse_merge(st[r], mx, s);
   }
+}
+
+// The column side of a symmetric forward tile after fwd_tile<..., kCols>: folds the tile's column statistics
+// into cacc[j] and merges its column log-sum-exps (a second exp pass, against the column maxima) into cst[j].
+// Reuses col[0..nc) as the column sums once the statistics are folded.
+template <typename T>
+PROTOCLR_ALWAYS_INLINE inline void fwd_tile_cols(const T* tile, int64_t nr, int64_t nc, T* col, OnlineLse<T>* cst,
+                                                  double (*cacc)[5]) {
+  for (int64_t j = 0; j < nc; ++j)
+    for (int k = 0; k < 5; ++k) cacc[j][k] += col[k * nc + j];
+  T* s = col;
+  const T* mx = col + 5 * nc;
+  std::fill(s, s + nc, T(0));
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* x = tile + r * nc;
+#pragma omp simd
+    for (int64_t j = 0; j < nc; ++j) s[j] += vexp(x[j] - mx[j]);  // NaN where mx is -inf: not merged below
+  }
+  for (int64_t j = 0; j < nc; ++j)
+    if (mx[j] > neg_inf<T>()) online_lse_merge(cst[j], mx[j], s[j]);
+}
+
+// An off-diagonal tile (I, J), I < J, of the symmetric forward: the rows' statistics as fwd_tile, and the
+// columns' into cst / cacc (indexed from column c0). col: 6 * nc scratch.
+template <typename T, bool kMask>
+PROTOCLR_ALWAYS_INLINE inline void fwd_tile_sym(T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0, Labels lab,
+                                                 T inv_tau, OnlineLse<T>* st, double (*acc)[5], T* col,
+                                                 OnlineLse<T>* cst, double (*cacc)[5]) {
+  std::fill(col, col + 5 * nc, T(0));
+  std::fill(col + 5 * nc, col + 6 * nc, neg_inf<T>());
+  fwd_tile<T, kMask, true>(tile, nr, nc, r0, c0, 0, lab, inv_tau, st, acc, col);
+  fwd_tile_cols(tile, nr, nc, col, cst, cacc);
 }
 
 // SPEC 1.1 backward. The forward outputs are lse_i = logsumexp_{j in Den(i)} c_ij / tau and
@@ -191,6 +241,15 @@ PROTOCLR_CPU_CLONES void fwd_tile_f32(bool mask, float* tile, int64_t nr, int64_
     fwd_tile<float, false>(tile, nr, nc, r0, c0, row_offset, lab, inv_tau, st, acc);
 }
 
+PROTOCLR_CPU_CLONES void fwd_tile_sym_f32(bool mask, float* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
+                                          Labels lab, float inv_tau, OnlineLse<float>* st, double (*acc)[5],
+                                          float* col, OnlineLse<float>* cst, double (*cacc)[5]) {
+  if (mask)
+    fwd_tile_sym<float, true>(tile, nr, nc, r0, c0, lab, inv_tau, st, acc, col, cst, cacc);
+  else
+    fwd_tile_sym<float, false>(tile, nr, nc, r0, c0, lab, inv_tau, st, acc, col, cst, cacc);
+}
+
 PROTOCLR_CPU_CLONES void bwd_tile_f32(bool mask, float* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
                                       int64_t row_offset, Labels lab, float inv_tau, const float* gl, const float* gs,
                                       const float* lse) {
@@ -207,6 +266,15 @@ void fwd_tile_any(T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0, int64
     fwd_tile_f32(kMask, tile, nr, nc, r0, c0, row_offset, lab, inv_tau, st, acc);
   else
     fwd_tile<T, kMask>(tile, nr, nc, r0, c0, row_offset, lab, inv_tau, st, acc);
+}
+
+template <typename T, bool kMask>
+void fwd_tile_sym_any(T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0, Labels lab, T inv_tau,
+                      OnlineLse<T>* st, double (*acc)[5], T* col, OnlineLse<T>* cst, double (*cacc)[5]) {
+  if constexpr (std::is_same_v<T, float>)
+    fwd_tile_sym_f32(kMask, tile, nr, nc, r0, c0, lab, inv_tau, st, acc, col, cst, cacc);
+  else
+    fwd_tile_sym<T, kMask>(tile, nr, nc, r0, c0, lab, inv_tau, st, acc, col, cst, cacc);
 }
 
 template <typename T, bool kMask>
@@ -244,6 +312,70 @@ void contrastive_fwd_kernel(const T* z, const T* zc, Labels lab, int64_t N, int6
       }
     }
   });
+}
+
+// Blocks of the symmetric kernels: square tiles, at least ~4 row strips per thread (the strips shrink from nb
+// tiles to 1 along the triangle), 32..kSymMax, a multiple of 16.
+int64_t sym_block(int64_t N) {
+  const int64_t want = (N + 8 * at::get_num_threads() - 1) / (8 * at::get_num_threads());
+  return std::max<int64_t>(32, std::min<int64_t>(kSymMax, (want + 15) / 16 * 16));
+}
+
+// Forward when rows and columns are one set (zc is z): S and every mask are symmetric, so only the tiles
+// (I, J >= I) are computed, each once. Row strips I run in order; inside a strip, at::parallel_for over the
+// column blocks J >= I. A thread adds a tile's row side to its own partials of strip I (reduced in thread order
+// after the strip) and its column side straight into col_st / col_acc of block J, which no other thread of
+// the strip touches. By the time strip I runs, every tile (K < I, I) has been folded into its rows' column side.
+// Diagonal tiles take the row form only (they hold both c_ij and c_ji). Extra memory: N × (OnlineLse + 5
+// doubles) + threads × (b² + 6b) T + threads × b × (OnlineLse + 5 doubles); all tiles from at::empty (aligned,
+// so the backward's BLAS calls reproduce the forward's c bit for bit).
+template <typename T, bool kMask>
+void contrastive_fwd_sym_kernel(const T* z, Labels lab, int64_t N, int64_t D, T inv_tau, T* lse, T* stats) {
+  const int64_t b = sym_block(N), nb = (N + b - 1) / b;
+  const int64_t threads = at::get_num_threads();
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor tiles = at::empty({threads, b * b}, opts), cols = at::empty({threads, 6 * b}, opts);
+  std::vector<OnlineLse<T>> col_st(N, online_lse_init<T>()), row_st(threads * b);
+  std::vector<double> col_acc(N * 5, 0.0), row_acc(threads * b * 5);
+  auto as5 = [](double* p) { return reinterpret_cast<double (*)[5]>(p); };
+  std::vector<char> used(threads);
+  for (int64_t I = 0; I < nb; ++I) {
+    const int64_t r0 = I * b, nr = std::min(b, N - r0);
+    std::fill(used.begin(), used.end(), 0);
+    at::parallel_for(I, nb, 1, [&](int64_t begin, int64_t end) {
+      const int64_t tid = at::get_thread_num();
+      TORCH_INTERNAL_ASSERT(tid >= 0 && tid < threads);
+      T* tile = tiles.data_ptr<T>() + tid * b * b;
+      OnlineLse<T>* st = row_st.data() + tid * b;
+      double(*acc)[5] = as5(row_acc.data() + tid * b * 5);
+      std::fill(st, st + nr, online_lse_init<T>());
+      std::fill(acc[0], acc[0] + nr * 5, 0.0);
+      used[tid] = 1;
+      for (int64_t J = begin; J < end; ++J) {
+        const int64_t c0 = J * b, nc = std::min(b, N - c0);
+        gemm_rm<T>(false, true, nr, nc, D, z + r0 * D, D, z + c0 * D, D, false, tile, nc);
+        if (J == I) {
+          fwd_tile_any<T, kMask>(tile, nr, nc, r0, c0, 0, lab, inv_tau, st, acc);
+        } else {
+          fwd_tile_sym_any<T, kMask>(tile, nr, nc, r0, c0, lab, inv_tau, st, acc, cols.data_ptr<T>() + tid * 6 * b,
+                                     col_st.data() + c0, as5(col_acc.data() + c0 * 5));
+        }
+      }
+    });
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = r0 + r;
+      OnlineLse<T> s = col_st[i];
+      double a[5];
+      for (int k = 0; k < 5; ++k) a[k] = col_acc[i * 5 + k];
+      for (int64_t t = 0; t < threads; ++t) {  // thread order: deterministic for a given thread count
+        if (!used[t]) continue;
+        online_lse_merge(s, row_st[t * b + r]);
+        for (int k = 0; k < 5; ++k) a[k] += row_acc[(t * b + r) * 5 + k];
+      }
+      lse[i] = online_lse_finish(s);
+      for (int k = 0; k < 5; ++k) stats[i * 5 + k] = static_cast<T>(a[k]);
+    }
+  }
 }
 
 template <typename T, bool kMask>
@@ -294,6 +426,21 @@ void check_inputs(const char* fn, const at::Tensor& z, const at::Tensor& zc, con
   check_tau(fn, tau);
 }
 
+// Rows and columns are one set, so S and every mask are symmetric and the symmetric kernels apply: the
+// single-process form (zc is z itself, same labels, row_offset 0). Not the DDP split (rows local, columns
+// gathered, row_offset > 0) nor a zc that merely equals z. PROTOCLR_CPU_SYMMETRIC=0 selects the general
+// row/column kernels anyway (benchmarks against them, debugging).
+bool symmetric_form(const at::Tensor& z, const at::Tensor& zc, const at::Tensor& inst, const at::Tensor& instc,
+                    const at::Tensor& proto, const at::Tensor& protoc, int64_t row_offset) {
+  const char* env = std::getenv("PROTOCLR_CPU_SYMMETRIC");
+  if (env != nullptr && std::string(env) == "0") return false;
+  auto same = [](const at::Tensor& a, const at::Tensor& b) {
+    return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides();
+  };
+  return row_offset == 0 && same(z, zc) && (same(inst, instc) || at::equal(inst, instc)) &&
+         (same(proto, protoc) || at::equal(proto, protoc));
+}
+
 // The acc_t copies of z and zc (no copy when already contiguous acc_t; one conversion when zc is z).
 std::pair<at::Tensor, at::Tensor> as_acc(const at::Tensor& z, const at::Tensor& zc) {
   const auto acc = stat_dtype(z.scalar_type());
@@ -318,8 +465,15 @@ std::tuple<at::Tensor, at::Tensor> contrastive_fwd_cpu(const at::Tensor& z, cons
   const auto proto_c = proto.contiguous(), protoc_c = protoc.contiguous();
   const Labels lab{inst_c.data_ptr<int64_t>(), instc_c.data_ptr<int64_t>(), proto_c.data_ptr<int64_t>(),
                    protoc_c.data_ptr<int64_t>()};
+  const bool sym = symmetric_form(z, zc, inst, instc, proto, protoc, row_offset);
   AT_DISPATCH_FLOATING_TYPES(acc, "contrastive_fwd_cpu", [&] {
     const auto inv_tau = static_cast<scalar_t>(1.0 / tau);
+    if (sym) {
+      auto run = mode == kFnMask ? contrastive_fwd_sym_kernel<scalar_t, true>
+                                 : contrastive_fwd_sym_kernel<scalar_t, false>;
+      run(za.data_ptr<scalar_t>(), lab, N, D, inv_tau, lse.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>());
+      return;
+    }
     auto run = mode == kFnMask ? contrastive_fwd_kernel<scalar_t, true> : contrastive_fwd_kernel<scalar_t, false>;
     run(za.data_ptr<scalar_t>(), zca.data_ptr<scalar_t>(), lab, N, Nc, D, row_offset, inv_tau,
         lse.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>());
