@@ -17,6 +17,7 @@ a (method, seed, split) already in the JSONL with the same settings is skipped.
     python bench/quality.py --split val --methods simclr spcl --seeds 0 1 2
     python bench/quality.py --split val --methods spcl --tag k200 -- cluster.k=200   # an ablation
     python bench/quality.py --report                          # table + plots from the JSONL only
+    python bench/quality.py --clusters --split test           # final prototypes vs the labels, per run
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = the preset's)")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only; faster tuning)")
     p.add_argument("--report", action="store_true", help="only print the table and draw the plots")
+    p.add_argument(
+        "--clusters",
+        action="store_true",
+        help="only measure the final prototypes of every run of --split against the labels: purity, and how the\n"
+        "false-negative handling sees pairs (same prototype vs same class)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every trained method")
     return p
 
@@ -341,8 +348,58 @@ def plot(summary: list[dict], split: str, out_dir: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def cluster_stats(ckpt_path: Path) -> dict | None:
+    """The final prototypes of a run against the class labels (None without prototypes). Over ordered pairs of
+    distinct training images: `precision` = P(same class | same prototype), what fn_mode mask/attract treat as
+    false negatives that are; `recall` = P(same prototype | same class), the share of the true false negatives
+    they catch; `masked` = P(same prototype), the share of pairs they touch; `same_class` = P(same class)."""
+    import numpy as np
+    import torch
+
+    from protoclr.data.folder import scan_image_folder, stratified_subset
+
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ids = state["prototypes"]["ids"].numpy()
+    if not (ids >= 0).any():
+        return None
+    data = state["config"]["data"]
+    root = Path(data["root"])
+    ds = scan_image_folder(root / "train" if (root / "train").is_dir() else root)
+    if data.get("subset"):
+        ds = stratified_subset(ds, data["subset"], state["config"]["seed"])
+    labels = np.array([label for _, label in ds.samples])
+    known = ids >= 0
+    ids, labels = ids[known], labels[known]
+    table = np.zeros((ids.max() + 1, labels.max() + 1))
+    np.add.at(table, (ids, labels), 1)
+    n = known.sum()
+    pairs = lambda counts: float((counts**2).sum() - n)  # noqa: E731  (ordered pairs i != j sharing a group)
+    both, same_p, same_y = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    return {
+        "k": state["config"]["cluster"]["k"],
+        "purity": float(table.max(1).sum() / n),
+        "precision": both / same_p,
+        "recall": both / same_y,
+        "masked": same_p / (n * (n - 1)),
+        "same_class": same_y / (n * (n - 1)),
+    }
+
+
+def print_cluster_stats(work: Path, split: str) -> None:
+    print("| run | K | purity | P(same class \\| same prototype) | P(same prototype \\| same class) | pairs masked "
+          "| pairs of one class |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for ckpt in sorted((work / "runs" / split).glob("*/checkpoint.pth")):
+        st = cluster_stats(ckpt)
+        if st is not None:
+            print(f"| {ckpt.parent.name} | {st['k']} | {st['purity']:.3f} | {st['precision']:.3f} | "
+                  f"{st['recall']:.3f} | {100 * st['masked']:.2f}% | {100 * st['same_class']:.2f}% |")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
+    if args.clusters:
+        print_cluster_stats(work_dir(args.work), args.split)
+        return
     results = Path(args.results)
     if not args.report:
         work = work_dir(args.work)
