@@ -27,7 +27,9 @@ TORCH_LIBRARY(protoclr, m) {
   m.def(
       "contrastive_fwd(Tensor z, Tensor zc, Tensor inst, Tensor instc, Tensor proto, Tensor protoc, "
       "int row_offset, float tau, str fn_mode) -> (Tensor lse, Tensor stats)");
-  // Gradients of sum(grad_lse * lse) + sum(grad_stats * stats) (count columns carry no gradient).
+  // Gradients of sum(grad_lse * lse) + sum(grad_stats * stats) (count columns carry no gradient). When zc is z
+  // itself (one tensor, same labels, row_offset 0) only dz + dzc, the gradient w.r.t. that tensor, is defined:
+  // a backend may return all of it in dz and zeros in dzc (the CPU's symmetric kernel does).
   m.def(
       "contrastive_bwd(Tensor grad_lse, Tensor grad_stats, Tensor z, Tensor zc, Tensor inst, Tensor instc, "
       "Tensor proto, Tensor protoc, Tensor lse, int row_offset, float tau, str fn_mode) -> (Tensor dz, Tensor dzc)");

@@ -180,52 +180,80 @@ def _sym_batch(name, dtype):
     return b["z"].detach().to(dtype), b["inst"], b["proto"]
 
 
-def _fwd(z, zc, inst, instc, proto, protoc, row_offset, fn_mode):
-    return backend_ext.contrastive(z, zc, inst, instc, proto, protoc, row_offset, 0.3, fn_mode)
+def _fwd_bwd(impl, z, inst, instc, proto, protoc, row_offset, fn_mode):
+    """lse, stats and the gradient of a random combination of them with respect to z, passed as rows and columns
+    (one leaf: autograd adds dz and dzc)."""
+    zz = z.detach().clone().requires_grad_()
+    lse, st = impl.contrastive(zz, zz, inst, instc, proto, protoc, row_offset, 0.3, fn_mode)
+    g = torch.Generator().manual_seed(1)
+    seeds = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (lse, st)]
+    return lse, st, *_grads((lse, st), (zz,), seeds)
 
 
-def _fwd_truth(z, zc, inst, instc, proto, protoc, row_offset, fn_mode):
-    """The float64 reference on the inputs as the kernel sees them."""
-    return backend_reference.contrastive(z.double(), zc.double(), inst, instc, proto, protoc, row_offset, 0.3, fn_mode)
-
-
-def _fwd_tol(dtype):
-    return 1e-12 if dtype == torch.float64 else 1e-5  # low precision: fp32 math on the rounded inputs
+def _errs(z, *args):
+    """Relative errors of the cpu op's lse, stats and gradient against the float64 reference on the inputs as
+    the kernel sees them, and the bound each must meet."""
+    got = _fwd_bwd(backend_ext, z, *args)
+    truth = _fwd_bwd(backend_reference, z.double(), *args)
+    errs = [rel_err(a, r) for a, r in zip(got, truth)]
+    if z.dtype == torch.float64:
+        return errs, [1e-12] * 3
+    # fp32 math on the rounded inputs; a low-precision gradient within 3 roundings of the exact one (the general
+    # kernels round dz and dzc, then autograd their sum; the symmetric backward measures ~1.3 roundings)
+    return errs, [1e-5, 1e-5, max(1e-5, 3 * rel_err(truth[2].to(z.dtype), truth[2]))]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *LOW_PRECISION])
 @pytest.mark.parametrize("fn_mode", MODES)
 @pytest.mark.parametrize("batch", list(SYM_BATCHES))
-def test_symmetric_forward(batch, fn_mode, dtype, threads, monkeypatch):
-    """lse and stats of the symmetric kernel (the upper-triangle tiles, column side merged per tile) against the
-    float64 reference and the general row/column kernel (PROTOCLR_CPU_SYMMETRIC=0)."""
+def test_symmetric_kernels(batch, fn_mode, dtype, threads, monkeypatch):
+    """The symmetric forward (upper-triangle tiles, column side merged per tile) and single-pass backward
+    (M = G + G^T) against the float64 reference, and the general row/column kernels (PROTOCLR_CPU_SYMMETRIC=0)
+    against the same bounds."""
     z, inst, proto = _sym_batch(batch, dtype)
-    args = (z, z, inst, inst, proto, proto, 0, fn_mode)
+    args = (inst, inst, proto, proto, 0, fn_mode)
     with _threads(threads):
-        sym = _fwd(*args)
+        sym, tol = _errs(z, *args)
         monkeypatch.setenv("PROTOCLR_CPU_SYMMETRIC", "0")
-        gen = _fwd(*args)
-    truth = _fwd_truth(*args)
-    errs = [rel_err(a, r) for a, r in zip(sym, truth)] + [rel_err(a, r) for a, r in zip(sym, gen)]
-    print(f"symmetric fwd {batch} {fn_mode} {dtype} {threads}t: lse/stats vs truth, vs general " + " ".join(
-        f"{e:.1e}" for e in errs))
-    assert max(errs) <= _fwd_tol(dtype)
+        gen, _ = _errs(z, *args)
+    print(f"{batch} {fn_mode} {dtype} {threads}t: lse/stats/grad err symmetric " + " ".join(f"{e:.1e}" for e in sym)
+          + ", general " + " ".join(f"{e:.1e}" for e in gen))
+    assert all(e <= t for e, t in zip(sym, tol)) and all(e <= t for e, t in zip(gen, tol))
 
 
 @pytest.mark.parametrize("fn_mode", MODES)
 @pytest.mark.parametrize("case", ["row_offset", "other_labels"])
 def test_symmetric_form_only_for_one_set(case, fn_mode):
     """zc is z, but the rows are not the columns (row_offset > 0) or the column labels differ: the masks are not
-    symmetric and the general kernel must run (the symmetric one would exclude the wrong diagonal or mask)."""
+    symmetric and the general kernels must run (the symmetric ones would exclude the wrong diagonal or mask)."""
     z, inst, proto = _sym_batch("n613", torch.float64)
     if case == "row_offset":
-        args = (z, z, inst, inst, proto, proto, 5, fn_mode)
+        args = (inst, inst, proto, proto, 5, fn_mode)
     else:
         perm = torch.randperm(z.size(0), generator=torch.Generator().manual_seed(4))
-        args = (z, z, inst, inst[perm], proto, proto[perm], 0, fn_mode)
-    errs = [rel_err(a, r) for a, r in zip(_fwd(*args), _fwd_truth(*args))]
-    assert max(errs) <= 1e-12, errs
+        args = (inst, inst[perm], proto, proto[perm], 0, fn_mode)
+    errs, tol = _errs(z, *args)
+    assert all(e <= t for e, t in zip(errs, tol)), errs
+
+
+def test_symmetric_backward_outputs(monkeypatch):
+    """The op's outputs (csrc/ops.cpp): with zc z itself the symmetric backward returns the whole gradient in dz
+    and zeros in dzc; a zc that only equals z (another tensor) still gets its own partial dzc."""
+    z, inst, proto = _sym_batch("n97", torch.float64)
+    lab = (inst, inst, proto, proto)
+    lse, _ = backend_ext.contrastive(z, z, *lab, 0, 0.3, "mask")
+    gl, gs = torch.randn_like(lse), torch.randn(z.size(0), 5, dtype=z.dtype)
+
+    def bwd(zc):
+        return torch.ops.protoclr.contrastive_bwd(gl, gs, z, zc, *lab, lse, 0, 0.3, "mask")
+
+    dz, dzc = bwd(z)
+    assert (dzc == 0).all()
+    dz_c, dzc_c = bwd(z.clone())
+    monkeypatch.setenv("PROTOCLR_CPU_SYMMETRIC", "0")
+    dz_g, dzc_g = bwd(z)
+    assert rel_err(dz, dz_g + dzc_g) <= 1e-12 and rel_err(dzc_c, dzc_g) <= 1e-12 and rel_err(dz_c, dz_g) <= 1e-12
 
 
 # ------------------------------------------------------------------------------------ degenerate rows
@@ -244,9 +272,9 @@ def test_empty_denominator_lse_is_neg_inf_and_backward_finite():
         torch.ones(2, dtype=torch.float64), gs, z, z, inst, inst, proto, proto, lse, 0, 0.5, "mask"
     )
     assert torch.isfinite(dz).all() and torch.isfinite(dzc).all()
-    # only the F and A statistics carry gradient: G_01 = G_10 = gs_2 + gs_4
+    # only the F and A statistics carry gradient: G_ij = gs_i2 + gs_i4; zc is z, so dz + dzc is the defined part
     g = gs[:, 2] + gs[:, 4]
-    assert torch.allclose(dz, torch.stack([g[0] * z[1], g[1] * z[0]]))
+    assert torch.allclose(dz + dzc, (g[0] + g[1]) * z.flip(0))
     # the loss has no anchor at all
     loss = ops.contrastive_loss(z.clone().requires_grad_(), inst, proto, fn_mode="mask", backend="cpu")
     assert loss.item() == 0.0

@@ -10,6 +10,8 @@
 //  - Symmetric forward (zc is z, row_offset 0; symmetric_form): S and the masks are symmetric, so only the
 //    tiles (I, J >= I) are computed, each giving its rows' and its columns' statistics (half the GEMM work).
 //    PROTOCLR_CPU_SYMMETRIC=0 keeps the general kernels, which the DDP split always uses.
+//  - Symmetric backward (same condition): one pass over the tiles (I, J >= I) with M = G + G^T, the whole
+//    gradient with respect to z in dz and zeros in dzc (contract in csrc/ops.cpp).
 //  - Backward recomputes the tiles. It walks row strips of kBwdRows in order and, inside a strip, runs
 //    at::parallel_for over column blocks: the dzc rows of different column blocks are disjoint (no race, no
 //    per-thread Nc × D copy), and dz for the strip is accumulated per thread (kBwdRows × D) and reduced in
@@ -200,6 +202,21 @@ PROTOCLR_ALWAYS_INLINE inline void fwd_tile_sym(T* tile, int64_t nr, int64_t nc,
 //   dz_i = Σ_j G_ij zc_j,   dzc_j = Σ_i G_ij z_i.
 // A row whose lse is -inf has an empty Den(i): its softmax term is 0 (never exp(-inf - -inf)).
 // bwd_tile turns a tile of c into the tile of G in place.
+//
+// Row i's softmax weight is scale_i * exp(c_ij / tau - shift_i): softmax_weight's guard hoisted out of the
+// loops, no softmax term for an empty (or non-finite) lse or a zero grad_lse (shift = +inf: the weight is
+// exp(-inf) = 0, never 0 * inf).
+template <typename T>
+struct SoftmaxCoef {
+  T scale, shift;
+};
+
+template <typename T>
+PROTOCLR_ALWAYS_INLINE inline SoftmaxCoef<T> softmax_coef(T gl, T lse, T inv_tau) {
+  const bool softmax = gl != T(0) && lse > neg_inf<T>() && lse < -neg_inf<T>();
+  return {softmax ? gl * inv_tau : T(0), softmax ? lse : -neg_inf<T>()};
+}
+
 template <typename T, bool kMask>
 PROTOCLR_ALWAYS_INLINE inline void bwd_tile(T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0, int64_t row_offset,
                                              Labels lab, T inv_tau, const T* gl, const T* gs, const T* lse) {
@@ -208,11 +225,8 @@ PROTOCLR_ALWAYS_INLINE inline void bwd_tile(T* tile, int64_t nr, int64_t nc, int
   for (int64_t r = 0; r < nr; ++r) {
     T* c = tile + r * nc;
     const int64_t i = r0 + r, gi = row_offset + i, inst_i = lab.inst[i], proto_i = lab.proto[i];
-    const T lse_i = lse[i], gs0 = gs[i * 5 + 0], gs2 = gs[i * 5 + 2], gs4 = gs[i * 5 + 4];
-    // softmax_weight's guard, hoisted out of the loop: no softmax term for an empty (or non-finite) lse
-    const bool softmax = gl[i] != T(0) && lse_i > neg_inf<T>() && lse_i < -neg_inf<T>();
-    const T scale = softmax ? gl[i] * inv_tau : T(0);
-    const T shift = softmax ? lse_i : -neg_inf<T>();  // +inf: the weight is exp(-inf) = 0, never 0 * inf
+    const T gs0 = gs[i * 5 + 0], gs2 = gs[i * 5 + 2], gs4 = gs[i * 5 + 4];
+    const auto [scale, shift] = softmax_coef(gl[i], lse[i], inv_tau);
     // x = c / tau rounded exactly as in fwd_tile, in a loop of its own: fused into c * inv_tau - lse (an FMA)
     // the product would be exact while lse was summed from rounded products, and that mismatch, up to half
     // an ulp of 1/tau, scales every softmax weight (rel. error ~6e-8/tau; NaN near tau = 1e-20).
@@ -227,6 +241,43 @@ PROTOCLR_ALWAYS_INLINE inline void bwd_tile(T* tile, int64_t nr, int64_t nc, int
       const bool den = in_den(kMask ? kFnMask : kFnNone, all, fneg);
       const T e = scale * vexp(c[j] - shift);
       c[j] = (den ? e : T(0)) + (pos ? gs0 : T(0)) + (fneg ? gs2 : T(0)) + (all ? gs4 : T(0));
+    }
+  }
+}
+
+// Per-row inputs of the symmetric backward, one value per row of the batch: softmax_coef and grad_stats' P, F and
+// A entries.
+template <typename T>
+struct RowGrad {
+  const T *scale, *shift, *gs0, *gs2, *gs4;
+};
+
+// An off-diagonal tile (I, J), I < J, of the symmetric backward, in place: M_ij = G_ij + G_ji, the weight of
+// the pair in both rows' gradients (dz_i += M_ij z_j, dz_j += M_ij z_i). G_ji is row j's G at c_ji = c_ij; the
+// membership tests are symmetric. x = c / tau rounded in a loop of its own, as in bwd_tile.
+template <typename T, bool kMask>
+PROTOCLR_ALWAYS_INLINE inline void bwd_tile_sym(T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0, Labels lab,
+                                                 T inv_tau, RowGrad<T> g) {
+  const int64_t* instc = lab.instc + c0;
+  const int64_t* protoc = lab.protoc + c0;
+  const T *scale_c = g.scale + c0, *shift_c = g.shift + c0;
+  const T *gs0_c = g.gs0 + c0, *gs2_c = g.gs2 + c0, *gs4_c = g.gs4 + c0;
+  for (int64_t r = 0; r < nr; ++r) {
+    T* c = tile + r * nc;
+    const int64_t i = r0 + r, inst_i = lab.inst[i], proto_i = lab.proto[i];
+    const T scale = g.scale[i], shift = g.shift[i], gs0 = g.gs0[i], gs2 = g.gs2[i], gs4 = g.gs4[i];
+#pragma omp simd
+    for (int64_t j = 0; j < nc; ++j) c[j] *= inv_tau;
+#pragma omp simd
+    for (int64_t j = 0; j < nc; ++j) {
+      const int64_t inst_j = instc[j], proto_j = protoc[j];
+      const bool all = in_all(i, c0 + j);
+      const bool pos = in_pos(i, c0 + j, inst_i, inst_j);
+      const bool fneg = in_false_neg(inst_i, inst_j, proto_i, proto_j);
+      const bool den = in_den(kMask ? kFnMask : kFnNone, all, fneg);
+      const T e = scale * vexp(c[j] - shift) + scale_c[j] * vexp(c[j] - shift_c[j]);
+      c[j] = (den ? e : T(0)) + (pos ? gs0 + gs0_c[j] : T(0)) + (fneg ? gs2 + gs2_c[j] : T(0)) +
+             (all ? gs4 + gs4_c[j] : T(0));
     }
   }
 }
@@ -257,6 +308,14 @@ PROTOCLR_CPU_CLONES void bwd_tile_f32(bool mask, float* tile, int64_t nr, int64_
     bwd_tile<float, true>(tile, nr, nc, r0, c0, row_offset, lab, inv_tau, gl, gs, lse);
   else
     bwd_tile<float, false>(tile, nr, nc, r0, c0, row_offset, lab, inv_tau, gl, gs, lse);
+}
+
+PROTOCLR_CPU_CLONES void bwd_tile_sym_f32(bool mask, float* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
+                                          Labels lab, float inv_tau, RowGrad<float> g) {
+  if (mask)
+    bwd_tile_sym<float, true>(tile, nr, nc, r0, c0, lab, inv_tau, g);
+  else
+    bwd_tile_sym<float, false>(tile, nr, nc, r0, c0, lab, inv_tau, g);
 }
 
 template <typename T, bool kMask>
@@ -312,6 +371,14 @@ void contrastive_fwd_kernel(const T* z, const T* zc, Labels lab, int64_t N, int6
       }
     }
   });
+}
+
+template <typename T, bool kMask>
+void bwd_tile_sym_any(T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0, Labels lab, T inv_tau, RowGrad<T> g) {
+  if constexpr (std::is_same_v<T, float>)
+    bwd_tile_sym_f32(kMask, tile, nr, nc, r0, c0, lab, inv_tau, g);
+  else
+    bwd_tile_sym<T, kMask>(tile, nr, nc, r0, c0, lab, inv_tau, g);
 }
 
 // Blocks of the symmetric kernels: square tiles, at least ~4 row strips per thread (the strips shrink from nb
@@ -417,6 +484,67 @@ void contrastive_bwd_kernel(const T* gl, const T* gs, const T* z, const T* zc, L
   }
 }
 
+// Backward when rows and columns are one set (zc is z): the gradient with respect to that one tensor,
+// d_i = Σ_j (G_ij + G_ji) z_j, in a single pass over the tiles (I, J >= I), each computed once (the forward's
+// tiles, bit for bit: same blocks, same BLAS calls). Row strips I run in order; inside a strip, at::parallel_for
+// over the column blocks J >= I. Off-diagonal: M = G_IJ + G_JI^T, row side d_I += M z_J into the thread's strip
+// accumulator (reduced in thread order after the strip), column side d_J += M^T z_I straight into block J, which
+// no other thread of the strip touches. Diagonal tiles: G in row form (they hold both c_ij and c_ji, each
+// rounded as the forward used it), d_I += G z_I + G^T z_I. Extra memory: 5N T (RowGrad) + threads × (b² + b·D) T.
+template <typename T, bool kMask>
+void contrastive_bwd_sym_kernel(const T* gl, const T* gs, const T* z, Labels lab, const T* lse, int64_t N, int64_t D,
+                                T inv_tau, T* dz) {
+  const int64_t b = sym_block(N), nb = (N + b - 1) / b;
+  const int64_t threads = at::get_num_threads();
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor tiles = at::empty({threads, b * b}, opts), dz_part = at::empty({threads, b * D}, opts);
+  std::vector<T> rows(5 * N);
+  T *scale = rows.data(), *shift = scale + N, *gs0 = shift + N, *gs2 = gs0 + N, *gs4 = gs2 + N;
+  for (int64_t i = 0; i < N; ++i) {
+    const auto coef = softmax_coef(gl[i], lse[i], inv_tau);
+    scale[i] = coef.scale;
+    shift[i] = coef.shift;
+    gs0[i] = gs[i * 5 + 0];
+    gs2[i] = gs[i * 5 + 2];
+    gs4[i] = gs[i * 5 + 4];
+  }
+  const RowGrad<T> g{scale, shift, gs0, gs2, gs4};
+  std::vector<char> used(threads);
+  std::fill(dz, dz + N * D, T(0));
+  for (int64_t I = 0; I < nb; ++I) {
+    const int64_t r0 = I * b, nr = std::min(b, N - r0);
+    std::fill(used.begin(), used.end(), 0);
+    at::parallel_for(I, nb, 1, [&](int64_t begin, int64_t end) {
+      const int64_t tid = at::get_thread_num();
+      TORCH_INTERNAL_ASSERT(tid >= 0 && tid < threads);
+      T* tile = tiles.data_ptr<T>() + tid * b * b;
+      T* dzp = dz_part.data_ptr<T>() + tid * b * D;
+      std::fill(dzp, dzp + nr * D, T(0));
+      used[tid] = 1;
+      for (int64_t J = begin; J < end; ++J) {
+        const int64_t c0 = J * b, nc = std::min(b, N - c0);
+        gemm_rm<T>(false, true, nr, nc, D, z + r0 * D, D, z + c0 * D, D, false, tile, nc);
+        if (J == I) {
+          bwd_tile_any<T, kMask>(tile, nr, nc, r0, c0, 0, lab, inv_tau, gl, gs, lse);
+          gemm_rm<T>(false, false, nr, D, nc, tile, nc, z + c0 * D, D, true, dzp, D);
+          gemm_rm<T>(true, false, nc, D, nr, tile, nc, z + r0 * D, D, true, dzp, D);
+        } else {
+          bwd_tile_sym_any<T, kMask>(tile, nr, nc, r0, c0, lab, inv_tau, g);
+          gemm_rm<T>(false, false, nr, D, nc, tile, nc, z + c0 * D, D, true, dzp, D);
+          gemm_rm<T>(true, false, nc, D, nr, tile, nc, z + r0 * D, D, true, dz + c0 * D, D);
+        }
+      }
+    });
+    T* out = dz + r0 * D;  // holds the column sides of the tiles (K < I, I)
+    for (int64_t t = 0; t < threads; ++t) {  // thread order: deterministic for a given thread count
+      if (!used[t]) continue;
+      const T* p = dz_part.data_ptr<T>() + t * b * D;
+#pragma omp simd
+      for (int64_t e = 0; e < nr * D; ++e) out[e] += p[e];
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------- host side
 
 void check_inputs(const char* fn, const at::Tensor& z, const at::Tensor& zc, const at::Tensor& inst,
@@ -503,6 +631,16 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cpu(const at::Tensor& grad_ls
   const Labels lab{inst_c.data_ptr<int64_t>(), instc_c.data_ptr<int64_t>(), proto_c.data_ptr<int64_t>(),
                    protoc_c.data_ptr<int64_t>()};
   auto dz_acc = at::empty({N, D}, z.options().dtype(acc));
+  if (symmetric_form(z, zc, inst, instc, proto, protoc, row_offset)) {  // the whole gradient in dz (csrc/ops.cpp)
+    AT_DISPATCH_FLOATING_TYPES(acc, "contrastive_bwd_cpu", [&] {
+      const auto inv_tau = static_cast<scalar_t>(1.0 / tau);
+      auto run = mode == kFnMask ? contrastive_bwd_sym_kernel<scalar_t, true>
+                                 : contrastive_bwd_sym_kernel<scalar_t, false>;
+      run(gl.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(), za.data_ptr<scalar_t>(), lab, lse_a.data_ptr<scalar_t>(),
+          N, D, inv_tau, dz_acc.data_ptr<scalar_t>());
+    });
+    return {to_like(dz_acc, z), at::zeros_like(zc)};
+  }
   auto dzc_acc = at::empty({Nc, D}, z.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "contrastive_bwd_cpu", [&] {
     const auto inv_tau = static_cast<scalar_t>(1.0 / tau);
