@@ -8,7 +8,8 @@
 //    running-max log-sum-exp per row (math.h online_lse_merge of per-tile (max, sum)) and the five per-row
 //    statistics (double across tiles). Nothing but a kFwdRows × kMaxCols tile per thread is materialised.
 //  - Symmetric forward (zc is z, row_offset 0; symmetric_form): S and the masks are symmetric, so only the
-//    tiles (I, J >= I) are computed, each giving its rows' and its columns' statistics (half the GEMM work).
+//    tiles (I, J >= I) are computed, each giving its rows' and its columns' statistics (half the GEMM work);
+//    the columns' log-sum-exps are merged per thread (online (max, sum) pairs), then across threads.
 //    PROTOCLR_CPU_SYMMETRIC=0 keeps the general kernels, which the DDP split always uses.
 //  - Symmetric backward (same condition): one pass over the tiles (I, J >= I) with M = G + G^T, the whole
 //    gradient with respect to z in dz and zeros in dzc (contract in csrc/ops.cpp).
@@ -389,59 +390,61 @@ int64_t sym_block(int64_t N) {
 }
 
 // Forward when rows and columns are one set (zc is z): S and every mask are symmetric, so only the tiles
-// (I, J >= I) are computed, each once. Row strips I run in order; inside a strip, at::parallel_for over the
-// column blocks J >= I. A thread adds a tile's row side to its own partials of strip I (reduced in thread order
-// after the strip) and its column side straight into col_st / col_acc of block J, which no other thread of
-// the strip touches. By the time strip I runs, every tile (K < I, I) has been folded into its rows' column side.
-// Diagonal tiles take the row form only (they hold both c_ij and c_ji). Extra memory: N × (OnlineLse + 5
-// doubles) + threads × (b² + 6b) T + threads × b × (OnlineLse + 5 doubles); all tiles from at::empty (aligned,
-// so the backward's BLAS calls reproduce the forward's c bit for bit).
+// (I, J >= I) are computed, each once. One at::parallel_for (a single barrier) over work units, unit p being
+// the row strips p and nb - 1 - p: nb + 1 tiles each, so the static split balances the triangle. A strip belongs
+// to one thread, which writes its rows' side (row_st / row_acc) directly; the column side of its off-diagonal
+// tiles goes to the thread's own col_st / col_acc (every row can be a column of any thread's tiles): online
+// (max, sum) pairs and sums, merged per row in thread order at the end (deterministic for a given thread count).
+// Diagonal tiles take the row form only (they hold both c_ij and c_ji). Extra memory: (threads + 1) × N ×
+// (OnlineLse + 5 doubles), 48 bytes per row for float, + threads × (b² + 6b) T; tiles from at::empty (aligned,
+// so the backward's identical BLAS calls reproduce the forward's c bit for bit).
 template <typename T, bool kMask>
 void contrastive_fwd_sym_kernel(const T* z, Labels lab, int64_t N, int64_t D, T inv_tau, T* lse, T* stats) {
   const int64_t b = sym_block(N), nb = (N + b - 1) / b;
   const int64_t threads = at::get_num_threads();
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor tiles = at::empty({threads, b * b}, opts), cols = at::empty({threads, 6 * b}, opts);
-  std::vector<OnlineLse<T>> col_st(N, online_lse_init<T>()), row_st(threads * b);
-  std::vector<double> col_acc(N * 5, 0.0), row_acc(threads * b * 5);
+  std::vector<OnlineLse<T>> row_st(N, online_lse_init<T>()), col_st(threads * N, online_lse_init<T>());
+  std::vector<double> row_acc(N * 5, 0.0), col_acc(threads * N * 5, 0.0);
   auto as5 = [](double* p) { return reinterpret_cast<double (*)[5]>(p); };
   std::vector<char> used(threads);
-  for (int64_t I = 0; I < nb; ++I) {
-    const int64_t r0 = I * b, nr = std::min(b, N - r0);
-    std::fill(used.begin(), used.end(), 0);
-    at::parallel_for(I, nb, 1, [&](int64_t begin, int64_t end) {
-      const int64_t tid = at::get_thread_num();
-      TORCH_INTERNAL_ASSERT(tid >= 0 && tid < threads);
-      T* tile = tiles.data_ptr<T>() + tid * b * b;
-      OnlineLse<T>* st = row_st.data() + tid * b;
-      double(*acc)[5] = as5(row_acc.data() + tid * b * 5);
-      std::fill(st, st + nr, online_lse_init<T>());
-      std::fill(acc[0], acc[0] + nr * 5, 0.0);
-      used[tid] = 1;
-      for (int64_t J = begin; J < end; ++J) {
-        const int64_t c0 = J * b, nc = std::min(b, N - c0);
-        gemm_rm<T>(false, true, nr, nc, D, z + r0 * D, D, z + c0 * D, D, false, tile, nc);
-        if (J == I) {
-          fwd_tile_any<T, kMask>(tile, nr, nc, r0, c0, 0, lab, inv_tau, st, acc);
-        } else {
-          fwd_tile_sym_any<T, kMask>(tile, nr, nc, r0, c0, lab, inv_tau, st, acc, cols.data_ptr<T>() + tid * 6 * b,
-                                     col_st.data() + c0, as5(col_acc.data() + c0 * 5));
+  at::parallel_for(0, (nb + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(tid >= 0 && tid < threads);
+    used[tid] = 1;
+    T* tile = tiles.data_ptr<T>() + tid * b * b;
+    T* col = cols.data_ptr<T>() + tid * 6 * b;
+    OnlineLse<T>* cst = col_st.data() + tid * N;
+    double* cacc = col_acc.data() + tid * N * 5;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t strips[2] = {p, nb - 1 - p};
+      for (int u = 0; u < (strips[0] == strips[1] ? 1 : 2); ++u) {  // one strip: the middle one of an odd nb
+        const int64_t I = strips[u];
+        const int64_t r0 = I * b, nr = std::min(b, N - r0);
+        OnlineLse<T>* st = row_st.data() + r0;
+        double(*acc)[5] = as5(row_acc.data() + r0 * 5);
+        for (int64_t J = I; J < nb; ++J) {
+          const int64_t c0 = J * b, nc = std::min(b, N - c0);
+          gemm_rm<T>(false, true, nr, nc, D, z + r0 * D, D, z + c0 * D, D, false, tile, nc);
+          if (J == I)
+            fwd_tile_any<T, kMask>(tile, nr, nc, r0, c0, 0, lab, inv_tau, st, acc);
+          else
+            fwd_tile_sym_any<T, kMask>(tile, nr, nc, r0, c0, lab, inv_tau, st, acc, col, cst + c0, as5(cacc + c0 * 5));
         }
       }
-    });
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t i = r0 + r;
-      OnlineLse<T> s = col_st[i];
-      double a[5];
-      for (int k = 0; k < 5; ++k) a[k] = col_acc[i * 5 + k];
-      for (int64_t t = 0; t < threads; ++t) {  // thread order: deterministic for a given thread count
-        if (!used[t]) continue;
-        online_lse_merge(s, row_st[t * b + r]);
-        for (int k = 0; k < 5; ++k) a[k] += row_acc[(t * b + r) * 5 + k];
-      }
-      lse[i] = online_lse_finish(s);
-      for (int k = 0; k < 5; ++k) stats[i * 5 + k] = static_cast<T>(a[k]);
     }
+  });
+  for (int64_t i = 0; i < N; ++i) {
+    OnlineLse<T> s = row_st[i];
+    double a[5];
+    for (int k = 0; k < 5; ++k) a[k] = row_acc[i * 5 + k];
+    for (int64_t t = 0; t < threads; ++t) {  // thread order: deterministic for a given thread count
+      if (!used[t]) continue;
+      online_lse_merge(s, col_st[t * N + i]);
+      for (int k = 0; k < 5; ++k) a[k] += col_acc[(t * N + i) * 5 + k];
+    }
+    lse[i] = online_lse_finish(s);
+    for (int k = 0; k < 5; ++k) stats[i * 5 + k] = static_cast<T>(a[k]);
   }
 }
 
