@@ -104,3 +104,24 @@ def test_quality_summary_table_and_resume_key(tmp_path):
     planned = (q.run_name("spcl", args), 0, "val", args.train_images, tuple(q.method_overrides("spcl", args)))
     assert q._key(rows[0]) == planned
     assert q.plot(q.summarise(rows, "val"), "val", tmp_path).is_file()
+
+
+def test_e2e_times_the_bank_estep_apart_from_the_first_pass(tmp_path):
+    """bench/e2e.py with cluster.features=bank: the first E-step (a pass) is reported apart, the steady-state
+    E-step share counts the bank's E-step and its per-step fill."""
+    from test_trainer import TINY, _write_folder
+
+    _write_folder(tmp_path / "data" / "train", 20, corrupt=False)  # 200 images: 3 steps of 64 an epoch
+    _write_folder(tmp_path / "data" / "val", 2, corrupt=False, offset=20)
+    out = tmp_path / "e2e.jsonl"
+    cmd = [sys.executable, str(ROOT / "bench" / "e2e.py"), "--data", str(tmp_path / "data"), "--steps", "4",
+           "--warmup", "1", "--results", str(out), *TINY, "batch_size=64", "cluster.k=4",
+           "cluster.features=bank"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["config"]["features"] == "bank" and row["estep_first"]["source"] == "pass"
+    assert row["estep_s"] is not None and row["bank_fill_ms"] > 0 and row["steps_per_epoch"] == 3
+    fill_s = 3 * row["bank_fill_ms"] / 1e3
+    assert abs(row["estep_share_epoch"] - (row["estep_s"] + fill_s) / row["epoch_s_est"]) < 1e-9
+    assert "E-step features: bank" in r.stdout and "first E-step (pass)" in r.stdout
