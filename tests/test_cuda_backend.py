@@ -168,7 +168,7 @@ def _grads_for(b, dtype):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("fn_mode", ["none", "mask"])
+@pytest.mark.parametrize("fn_mode", MODES)
 def test_contrastive_large_n_parity(dtype, fn_mode):
     """N = 16,384, D = 128: forward statistics and both gradients of the op vs the float64 reference."""
     n, tau = 16384, 0.2
@@ -420,7 +420,7 @@ def test_unaligned_storage_offset_matches_aligned(dtype):
     gsia = torch.randn(n, 2, device=_DEV, dtype=acc)
     zm, hm = _misaligned(z), _misaligned(h)
     ops_ = torch.ops.protoclr
-    for fn_mode in ("none", "mask"):
+    for fn_mode in MODES:
         outs = []
         for zz in (z, zm):
             lse, st = ops_.contrastive_fwd(zz, zz, inst, inst, proto, proto, 0, tau, fn_mode)
@@ -464,7 +464,7 @@ def test_tiny_and_empty_sizes(dtype):
         z, h, inst, proto = b["z"].to(dtype), b["h"].to(dtype), b["inst"], b["proto"]
         gl = torch.rand(n, device=_DEV, dtype=acc)
         gs = torch.randn(n, 5, device=_DEV, dtype=acc)
-        for fn_mode in ("none", "mask"):
+        for fn_mode in MODES:
             got, want = _contrastive_vs_ref(z, inst, proto, 0.5, fn_mode, gl, gs)
             assert torch.equal(torch.isfinite(got[0]), torch.isfinite(want[0])), (n, fn_mode)
             lse_f = torch.where(torch.isfinite(got[0]), got[0], 0)
