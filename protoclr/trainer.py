@@ -248,7 +248,7 @@ def _train(cfg: Config) -> dict:
     )
     protos = cluster.Prototypes(len(train_ds), device)
     # cluster.features=bank: each E-step clusters the features the training forward computed in the epoch before
-    # it, in the forward's own dtype (README "Feature bank").
+    # it, in the forward's own dtype (README "E-step features").
     bank = (
         cluster.FeatureBank(len(train_ds), raw_model.feat_dim, amp_dtype or param_dtype, device)
         if cfg.cluster.features == "bank" and cfg.cluster.source == "kmeans"
