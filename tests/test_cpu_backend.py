@@ -217,8 +217,12 @@ def test_symmetric_kernels(batch, fn_mode, dtype, threads, monkeypatch):
         sym, tol = _errs(z, *args)
         monkeypatch.setenv("PROTOCLR_CPU_SYMMETRIC", "0")
         gen, _ = _errs(z, *args)
-    print(f"{batch} {fn_mode} {dtype} {threads}t: lse/stats/grad err symmetric " + " ".join(f"{e:.1e}" for e in sym)
-          + ", general " + " ".join(f"{e:.1e}" for e in gen))
+    print(
+        f"{batch} {fn_mode} {dtype} {threads}t: lse/stats/grad err symmetric "
+        + " ".join(f"{e:.1e}" for e in sym)
+        + ", general "
+        + " ".join(f"{e:.1e}" for e in gen)
+    )
     assert all(e <= t for e, t in zip(sym, tol)) and all(e <= t for e, t in zip(gen, tol))
 
 
