@@ -227,18 +227,6 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def global_mean(total: torch.Tensor | float, count: torch.Tensor | float) -> float:
-    """Σ_ranks total / Σ_ranks count as a Python float (0.0 when the count is 0): an average over the global
-    batch, e.g. of a per-rank sum of losses and a per-rank number of rows."""
-    t = torch.as_tensor(total, dtype=torch.float64).reshape(1)
-    c = torch.as_tensor(count, dtype=torch.float64).reshape(1)
-    both = torch.cat([t.detach().cpu(), c.detach().cpu()])
-    if get_world_size() > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        both = all_reduce_sum(both.to(dev)).cpu()
-    return float(both[0] / both[1]) if both[1] > 0 else 0.0
-
-
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):

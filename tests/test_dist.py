@@ -10,7 +10,7 @@ Two levels, each with one `mp.spawn` of 2 CPU processes (float64):
   the same loss, parameter gradients, BN running statistics and updated parameters as 1 process on the
   concatenated batch, for every fn_mode (mask/attract: prototype labels of the other rank's rows reach the
   contrastive term), each backend and both siamese `balance` settings.
-Plus the helpers of protoclr.dist (init_distributed_mode, global_mean, barrier, the differentiable all-reduce).
+Plus the helpers of protoclr.dist (init_distributed_mode, barrier, the differentiable all-reduce).
 """
 
 from __future__ import annotations
@@ -295,7 +295,6 @@ def _helpers_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
     _init(rank, world, init_file)
     info = dist.init_distributed_mode("cpu")  # reuses the group
     assert (info.rank, info.world_size, info.distributed) == (rank, world, True)
-    m = dist.global_mean(torch.tensor(float(rank + 1)), torch.tensor(1.0 + rank))  # (1 + 2) / (1 + 2)
     dist.barrier()
     x = torch.full((3,), float(rank + 1), dtype=torch.float64, requires_grad=True)
     y = dist.all_reduce_sum_grad(x)  # every rank: [3, 3, 3]
@@ -303,7 +302,7 @@ def _helpers_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
     obj = dist.broadcast_object({"path": f"rank{rank}"})
     gathered = dist.all_gather_object(rank * 10)
     torch.save(
-        {"mean": m, "y": y.detach(), "grad": x.grad, "obj": obj, "gathered": gathered},
+        {"y": y.detach(), "grad": x.grad, "obj": obj, "gathered": gathered},
         os.path.join(out_dir, f"h{rank}.pt"),
     )
     torch.distributed.destroy_process_group()
@@ -313,7 +312,6 @@ def test_dist_helpers_two_ranks(tmp_path):
     mp.spawn(_helpers_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     for r in range(WORLD):
         res = torch.load(tmp_path / f"h{r}.pt", weights_only=False)
-        assert res["mean"] == pytest.approx(1.0)
         assert torch.equal(res["y"], torch.full((3,), 3.0, dtype=torch.float64))
         assert torch.equal(res["grad"], torch.full((3,), 3.0, dtype=torch.float64))
         assert res["obj"] == {"path": "rank0"}
@@ -326,7 +324,6 @@ def test_init_distributed_mode_single_process(monkeypatch):
     info = dist.init_distributed_mode("cpu")
     assert (info.rank, info.world_size, info.local_rank, info.distributed) == (0, 1, 0, False)
     assert info.device == torch.device("cpu") and info.is_main
-    assert dist.global_mean(6.0, 3.0) == 2.0 and dist.global_mean(1.0, 0.0) == 0.0
     dist.barrier()
     x = torch.ones(2, requires_grad=True)
     assert dist.all_reduce_sum_grad(x) is x

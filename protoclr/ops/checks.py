@@ -195,11 +195,6 @@ def check_same_device(fn: str, **tensors: torch.Tensor) -> None:
         _fail(fn, "tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
 
 
-def check_dtype_match(fn: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
-    if a.dtype != b.dtype:
-        _fail(fn, f"{b_name} must have {a_name}'s dtype {a.dtype}, got {b.dtype}")
-
-
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulator/statistic dtype: float32, or float64 for float64 inputs (SPEC §3 numerics)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
