@@ -242,7 +242,7 @@ if [[ $DRY == 1 ]]; then
 else
   BENCH=(--device cuda --budget "$BUDGET" --one-worker
          --size contrastive:65536:128 --size siamese:2048,16384:2048 --size assign:1281167:256:3000
-         --providers cuda,triton,compile,inf-cl,gemm --fn-mode mask)
+         --providers cuda,triton,triton-sym,compile,inf-cl,gemm --fn-mode mask)
   if [[ -n $RERUN ]]; then
     BENCH+=(--max-n contrastive,siamese)
     AUTOTUNE=1

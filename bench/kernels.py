@@ -1,7 +1,9 @@
 """Kernel benchmark: every op × backend × size × dtype, with the baselines in the same run (SPEC §5).
 
 Providers: every backend of `protoclr.ops.BACKENDS` (unusable ones are recorded with the reason `resolve`
-gives), `compile` = torch.compile of the reference public op, `cdist` = the torch.cdist L1 head
+gives), the backend variants of `VARIANTS` (`triton-sym`: the triton backend with PROTOCLR_TRITON_SYMMETRIC=1,
+the symmetric contrastive kernels of kernels/contrastive_sym.py; contrastive only), `compile` = torch.compile
+of the reference public op, `cdist` = the torch.cdist L1 head
 (`common.cdist_siamese_baseline`, siamese only, speed baseline), `inf-cl` (contrastive, GPU, when the
 package is installed: one-directional N×N InfoNCE, a speed baseline) and `gemm` (assign only: the bare x @ cᵀ
 of the same shape and dtype, the floor an assign kernel is measured against).
@@ -27,6 +29,7 @@ import os
 _INTERPRET_WAS_SET = os.environ.pop("TRITON_INTERPRET", None) == "1"
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -46,6 +49,9 @@ import torch  # noqa: E402
 
 OPS = ("contrastive", "siamese", "assign")
 BASELINES = ("compile", "cdist", "inf-cl", "gemm")
+# provider -> (backend, environment it runs under, ops it applies to): a backend's opt-in kernels, measured next
+# to its default ones in the same run
+VARIANTS = {"triton-sym": ("triton", {"PROTOCLR_TRITON_SYMMETRIC": "1"}, ("contrastive",))}
 ROW_PREFIX = "@@ROW "
 
 # op -> (feature dim D (Dh for siamese), K for assign, list of N (M for assign), dtype)
@@ -149,9 +155,46 @@ class _ChunksForTracing:
         self.ref._SIAMESE_CHUNK_ELEMS, self.ref._ASSIGN_CHUNK_ELEMS = self.saved
 
 
+def _backend(provider: str) -> str:
+    """The backend a provider runs (a variant's base backend; the provider itself otherwise)."""
+    return VARIANTS[provider][0] if provider in VARIANTS else provider
+
+
+@contextlib.contextmanager
+def _variant_env(provider: str):
+    """The environment of a backend variant (VARIANTS), restored afterwards."""
+    settings = VARIANTS[provider][1] if provider in VARIANTS else {}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def make_fns(op: str, provider: str, inp: dict, *, tau: float, fn_mode: str, dynamic: bool = False) -> dict:
     """mode -> zero-argument callable running that mode once (outputs returned, so memory peaks include them).
     `dynamic`: torch.compile with dynamic shapes (one compile for every N; static shapes compile per N)."""
+    fns = _make_fns(op, _backend(provider) if provider in VARIANTS else provider, inp, tau=tau, fn_mode=fn_mode,
+                    dynamic=dynamic)  # fmt: skip
+    if provider not in VARIANTS:
+        return fns
+
+    def under_env(f):
+        def run():
+            with _variant_env(provider):
+                return f()
+
+        return run
+
+    return {mode: under_env(f) for mode, f in fns.items()}
+
+
+def _make_fns(op: str, provider: str, inp: dict, *, tau: float, fn_mode: str, dynamic: bool) -> dict:
     from protoclr import ops
 
     if op == "assign":
@@ -213,6 +256,8 @@ def applies(op: str, provider: str, device: torch.device) -> bool:
         return op == "contrastive" and device.type == "cuda"
     if provider == "gemm":
         return op == "assign"
+    if provider in VARIANTS:
+        return op in VARIANTS[provider][2]
     return True
 
 
@@ -220,6 +265,8 @@ def unavailable(op: str, provider: str, device: torch.device) -> str | None:
     """Why `provider` cannot run `op` on `device` (None = it can)."""
     from protoclr import ops
 
+    if provider in VARIANTS:
+        return unavailable(op, VARIANTS[provider][0], device)
     if provider in ops.BACKENDS:
         if provider == "triton" and device.type == "cpu":
             return "triton on CPU tensors runs only in the interpreter (TRITON_INTERPRET=1): not benchmarked"
@@ -384,7 +431,9 @@ def _run_sizes(spec, op, provider, dtype, dtype_name, device, out) -> None:
                     mem_method=method,
                     first_call_s=round(first_s, 3),
                     note=_note(provider, op, dynamic),
-                    triton_configs=_tuned_configs() if provider == "triton" and device.type == "cuda" else None,
+                    triton_configs=_tuned_configs()
+                    if _backend(provider) == "triton" and device.type == "cuda"
+                    else None,
                 )
                 done.add(mode)
                 last = (fl, t["median_ms"] * 1e-3)
@@ -627,8 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--providers",
         default=None,
-        help="comma list among the backends of protoclr.ops.BACKENDS and the baselines "
-        f"{','.join(BASELINES)} (default: all)",
+        help="comma list among the backends of protoclr.ops.BACKENDS, their variants "
+        f"{','.join(VARIANTS)} and the baselines {','.join(BASELINES)} (default: all)",
     )
     p.add_argument(
         "--size",
@@ -719,7 +768,7 @@ def main(argv=None) -> int:
     for o in sel_ops:
         if o not in OPS:
             raise SystemExit(f"--ops: unknown op {o!r}; choose from {OPS}")
-    all_providers = list(ops.BACKENDS) + list(BASELINES)
+    all_providers = list(ops.BACKENDS) + list(VARIANTS) + list(BASELINES)
     if args.providers:
         providers = [x for x in args.providers.split(",") if x]
         for x in providers:
@@ -786,7 +835,13 @@ def main(argv=None) -> int:
     # fused siamese and its torch.compile baseline), then the dense baselines, assign, the other compile
     # baselines (compiling takes long), and the max-N probe last.
     def priority(op: str, pv: str) -> int:
-        cls = "fused" if (pv in ops.BACKENDS and pv != "reference") else "compile" if pv == "compile" else "dense"
+        cls = (
+            "fused"
+            if (_backend(pv) in ops.BACKENDS and pv != "reference")
+            else "compile"
+            if pv == "compile"
+            else "dense"
+        )
         order = [("contrastive", "fused"), ("siamese", "fused"), ("siamese", "compile"), ("contrastive", "dense"),
                  ("siamese", "dense"), ("assign", "fused"), ("assign", "dense"), ("contrastive", "compile"),
                  ("assign", "compile")]  # fmt: skip
@@ -798,7 +853,7 @@ def main(argv=None) -> int:
         if op not in MODES or op == "assign":
             continue
         for pv in providers:
-            if pv in ops.BACKENDS and unavailable(op, pv, device) is None:
+            if _backend(pv) in ops.BACKENDS and applies(op, pv, device) and unavailable(op, pv, device) is None:
                 groups.append(spec_for(op, pv, with_sizes=False, probe=True))
 
     runnable = []

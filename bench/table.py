@@ -19,7 +19,9 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 OP_ORDER = {"contrastive": 0, "siamese": 1, "assign": 2}
-PROVIDER_ORDER = {"cuda": 0, "triton": 1, "cpu": 2, "reference": 3, "compile": 4, "cdist": 5, "inf-cl": 6, "gemm": 7}
+PROVIDER_ORDER = {
+    "cuda": 0, "triton": 1, "triton-sym": 2, "cpu": 3, "reference": 4, "compile": 5, "cdist": 6, "inf-cl": 7, "gemm": 8,
+}  # fmt: skip
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 

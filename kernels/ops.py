@@ -16,6 +16,7 @@ from protoclr.ops import autograd
 
 from . import assign as _assign
 from . import contrastive as _contrastive
+from . import contrastive_sym as _contrastive_sym
 from . import siamese as _siamese
 from .utils import INTERPRET
 
@@ -57,7 +58,10 @@ def contrastive_fwd(
     z: Tensor, zc: Tensor, inst: Tensor, instc: Tensor, proto: Tensor, protoc: Tensor, row_offset: int, tau: float,
     fn_mode: str,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    return _contrastive.contrastive_fwd(z, zc, inst, instc, proto, protoc, row_offset, tau, fn_mode)
+    impl = (
+        _contrastive_sym if _contrastive_sym.selected(z, zc, inst, instc, proto, protoc, row_offset) else _contrastive
+    )
+    return impl.contrastive_fwd(z, zc, inst, instc, proto, protoc, row_offset, tau, fn_mode)
 
 
 def _contrastive_bwd_fake(grad_lse, grad_stats, z, zc, inst, instc, proto, protoc, lse, row_offset, tau, fn_mode):
@@ -69,9 +73,10 @@ def contrastive_bwd(
     grad_lse: Tensor, grad_stats: Tensor, z: Tensor, zc: Tensor, inst: Tensor, instc: Tensor, proto: Tensor,
     protoc: Tensor, lse: Tensor, row_offset: int, tau: float, fn_mode: str,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    return _contrastive.contrastive_bwd(
-        grad_lse, grad_stats, z, zc, inst, instc, proto, protoc, lse, row_offset, tau, fn_mode
+    impl = (
+        _contrastive_sym if _contrastive_sym.selected(z, zc, inst, instc, proto, protoc, row_offset) else _contrastive
     )
+    return impl.contrastive_bwd(grad_lse, grad_stats, z, zc, inst, instc, proto, protoc, lse, row_offset, tau, fn_mode)
 
 
 def _siamese_fwd_fake(h, hc, inst, instc, proto, protoc, weight, bias, row_offset):

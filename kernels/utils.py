@@ -154,10 +154,10 @@ def _one_blas_thread():
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch a kernel made by `autotune` through `torch.library.wrap_triton` (traceable by
-    torch.compile); under the interpreter with its fixed config."""
+    """Launch a kernel made by `autotune` (or a plain @triton.jit one) through `torch.library.wrap_triton`
+    (traceable by torch.compile); under the interpreter with its fixed config."""
     if INTERPRET:
-        meta = dict(kernel.interp_config)
+        meta = dict(getattr(kernel, "interp_config", None) or {})  # a plain @triton.jit kernel: none
         meta.pop("num_warps", None)
         meta.pop("num_stages", None)
         g = grid({**kwargs, **meta}) if callable(grid) else grid

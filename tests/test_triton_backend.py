@@ -222,6 +222,171 @@ def test_contrastive_empty_denominator_rows(fn_mode):
         assert rel_err(a, e) < 1e-9
 
 
+# ------------------------------------------------------------- symmetric kernels (kernels/contrastive_sym.py)
+# PROTOCLR_TRITON_SYMMETRIC=1 with zc z itself: upper-triangle tiles only, the whole gradient in dz. The
+# interpreter's tiles are 64 rows, so 150 rows are 3 strips, the last ragged: diagonal, full and ragged
+# off-diagonal tiles; 129 rows leave a last strip of one row.
+
+SYM_CASES = {  # name: (images, views, D, share of images with proto = -1)
+    "n150": (75, 2, 20, 0.25),
+    "n2": (1, 2, 8, 0.0),
+    "v3": (43, 3, 16, 0.25),
+    "unknown": (70, 2, 16, 1.0),
+    "d300": (65, 2, 300, 0.25),  # wider than one feature tile: the chunked path, output chunks on grid axis 2
+}
+
+
+def _general_fails(monkeypatch, module):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{module.__name__}'s kernels ran")
+
+    monkeypatch.setattr(module, "contrastive_fwd", fail)
+    monkeypatch.setattr(module, "contrastive_bwd", fail)
+
+
+def _symmetric_only(monkeypatch):
+    """PROTOCLR_TRITON_SYMMETRIC=1, and the general launchers fail if they are called."""
+    from protoclr.kernels import contrastive
+
+    monkeypatch.setenv("PROTOCLR_TRITON_SYMMETRIC", "1")
+    _general_fails(monkeypatch, contrastive)
+
+
+def _sym_batch(case):
+    m, views, d, unknown = SYM_CASES[case]
+    b = make_batch(m, views, dz=d, k=4, unknown=unknown)
+    return b["z"].detach().to(DEVICE), b["inst"].to(DEVICE), b["proto"].to(DEVICE)
+
+
+def _sym_check(z, inst, proto, fn_mode, tau=0.3):
+    """(errors of lse, stats and dz against the float64 reference's lse, stats and dz + dzc; dzc) of the ops
+    called with zc = z, instc = inst, protoc = proto (the same tensors)."""
+    n = z.size(0)
+    gl, gs = torch.randn(n, dtype=torch.float64), torch.randn(n, 5, dtype=torch.float64)
+    lab = (inst.cpu(), inst.cpu(), proto.cpu(), proto.cpu())
+    want = _ref_contrastive_grads(z.cpu().double(), z.cpu().double(), *lab, 0, tau, fn_mode, gl, gs)
+    kops = _kops()
+    lse, st = kops.contrastive_fwd(z, z, inst, inst, proto, proto, 0, tau, fn_mode)
+    gl, gs = gl.to(DEVICE, z.dtype), gs.to(DEVICE, z.dtype)
+    dz, dzc = kops.contrastive_bwd(gl, gs, z, z, inst, inst, proto, proto, lse, 0, tau, fn_mode)
+    return [rel_err(lse, want[0]), rel_err(st, want[1]), rel_err(dz, want[2] + want[3])], dzc
+
+
+@pytest.mark.parametrize("fn_mode", MODES)
+@pytest.mark.parametrize("case", list(SYM_CASES))
+def test_contrastive_symmetric_vs_reference(case, fn_mode, monkeypatch):
+    """The symmetric forward and single-pass backward (float64) against the reference: the whole gradient
+    w.r.t. z in dz, zeros in dzc (csrc/ops.cpp); the general kernels must not run."""
+    _symmetric_only(monkeypatch)
+    z, inst, proto = _sym_batch(case)
+    errs, dzc = _sym_check(z, inst, proto, fn_mode)
+    print(f"symmetric {case} {fn_mode}: lse/stats/dz err", errs)
+    assert max(errs) <= (1e-12 if DEVICE.type == "cpu" else 1e-9)
+    assert dzc.shape == z.shape and not dzc.any()
+
+
+@pytest.mark.parametrize("programs", [1000, 3])
+def test_contrastive_symmetric_segments(programs, monkeypatch):
+    """GPU grids cut each pair of strips into segments of CHUNK tiles; 250 rows are 4 strips, 2 pairs of
+    5 tiles. 1000 programs: one tile per segment; 3: segments of 4 tiles, one of which ends inside a strip
+    and one starts inside a strip (its row slot is not the diagonal's)."""
+    from protoclr.kernels import contrastive_sym
+
+    _symmetric_only(monkeypatch)
+    monkeypatch.setattr(contrastive_sym, "_programs", lambda device: programs)
+    assert contrastive_sym._grid(250, 64, programs) == ((2, 5, 1) if programs == 1000 else (2, 2, 4))
+    b = make_batch(125, 2, dz=16, k=4)
+    z, inst, proto = b["z"].to(DEVICE), b["inst"].to(DEVICE), b["proto"].to(DEVICE)
+    for fn_mode in ("none", "mask"):
+        errs, _ = _sym_check(z, inst, proto, fn_mode)
+        assert max(errs) <= (1e-12 if DEVICE.type == "cpu" else 1e-9), (fn_mode, errs)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's log2(0) = -inf
+def test_contrastive_symmetric_empty_denominator_rows(monkeypatch):
+    """fn_mode "mask", distinct images of one prototype: Den(i) is empty, lse = -inf from the slot merge, and a
+    non-zero grad_lse on those rows gives the finite gradient of the statistics alone."""
+    _symmetric_only(monkeypatch)
+    z = torch.nn.functional.normalize(torch.randn(70, 16, dtype=torch.float64), dim=1).to(DEVICE)
+    inst = (torch.arange(70) + 10).to(DEVICE)
+    proto = torch.zeros(70, dtype=torch.int64, device=DEVICE)
+    lse, _ = _kops().contrastive_fwd(z, z, inst, inst, proto, proto, 0, 0.5, "mask")
+    assert torch.isinf(lse).all() and (lse < 0).all()
+    errs, _ = _sym_check(z, inst, proto, "mask", tau=0.5)
+    assert max(errs[1:]) <= 1e-9, errs
+
+
+@pytest.mark.parametrize("fn_mode", MODES)
+def test_contrastive_symmetric_switch_keeps_general_forms(fn_mode, monkeypatch):
+    """With PROTOCLR_TRITON_SYMMETRIC=1, the DDP split (rows local, columns gathered, row_offset > 0) and a zc
+    that only equals z (another tensor) take the general kernels (the symmetric ones are made to fail) and
+    return their own dz and dzc; so does zc z itself without the switch."""
+    from protoclr.kernels import contrastive_sym
+
+    _general_fails(monkeypatch, contrastive_sym)
+    kops = _kops()
+    b = make_batch(80, 2, dz=20, k=4)
+    gl, gs = torch.randn(70, dtype=torch.float64), torch.randn(70, 5, dtype=torch.float64)
+    split = _split(b, 150, 37, 70, "z")
+    z = b["z"][:70].detach()
+    inst, proto = b["inst"][:70], b["proto"][:70]
+    cases = {"split": (split, 37, "1"), "copy": ((z, z.clone(), inst, inst, proto, proto), 0, "1")}
+    cases["off"] = ((z, z, inst, inst, proto, proto), 0, "0")
+    for name, (args, row_offset, env) in cases.items():
+        monkeypatch.setenv("PROTOCLR_TRITON_SYMMETRIC", env)
+        want = _ref_contrastive_grads(*args, row_offset, 0.3, fn_mode, gl, gs)
+        dev = [t.to(DEVICE) for t in args]
+        if name != "split":
+            dev[1], dev[3], dev[5] = (dev[0] if name == "off" else dev[1]), dev[2], dev[4]
+        lse, st = kops.contrastive_fwd(*dev, row_offset, 0.3, fn_mode)
+        dz, dzc = kops.contrastive_bwd(gl.to(DEVICE), gs.to(DEVICE), *dev, lse, row_offset, 0.3, fn_mode)
+        errs = [rel_err(a, e) for a, e in zip((lse, st, dz, dzc), want)]
+        assert max(errs) <= (1e-10 if DEVICE.type == "cpu" else 1e-9), (name, errs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contrastive_symmetric_low_precision_loss(dtype, monkeypatch):
+    """contrastive_loss on the triton backend (autograd: dz holds the whole gradient, dzc zeros) against the
+    float64 reference on the rounded inputs, within SPEC's bounds and within 2x the general kernels' error."""
+    from protoclr import ops
+
+    b = make_batch(75, 2, dz=40, k=4)
+    z = b["z"].to(dtype)
+    zr = z.double().requires_grad_()
+    want = ops.contrastive_loss(zr, b["inst"], b["proto"], tau=0.2, fn_mode="mask", backend="reference")
+    want = (want, *torch.autograd.grad(want, zr))
+    from protoclr.kernels import contrastive_sym
+
+    calls = []
+    bwd = contrastive_sym.contrastive_bwd
+    monkeypatch.setattr(contrastive_sym, "contrastive_bwd", lambda *a: calls.append(1) or bwd(*a))
+    errs = {}
+    for env in ("0", "1"):
+        monkeypatch.setenv("PROTOCLR_TRITON_SYMMETRIC", env)
+        zt = z.to(DEVICE).requires_grad_()
+        loss = ops.contrastive_loss(zt, b["inst"].to(DEVICE), b["proto"].to(DEVICE), tau=0.2, fn_mode="mask",
+                                    backend="triton")  # fmt: skip
+        got = (loss, *torch.autograd.grad(loss, zt))
+        errs[env] = [rel_err(a, e) for a, e in zip(got, want)]
+    print(f"symmetric {dtype}: loss/grad err {errs['1']}, general {errs['0']}")
+    assert len(calls) == 1
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert all(e <= bound and e <= 2 * g + 1e-7 for e, g in zip(errs["1"], errs["0"])), errs
+
+
+def test_contrastive_symmetric_opcheck(monkeypatch):
+    monkeypatch.setenv("PROTOCLR_TRITON_SYMMETRIC", "1")
+    ops_ = backend_triton.torch_ops()
+    b = make_batch(6, 2, dz=20, k=2, dtype=torch.float32, device=DEVICE)
+    z = b["z"].detach().requires_grad_()
+    lab = (b["inst"], b["inst"], b["proto"], b["proto"])
+    torch.library.opcheck(ops_["contrastive_fwd"], (z, z, *lab, 0, 0.5, "mask"))
+    lse, _ = ops_["contrastive_fwd"](z.detach(), z.detach(), *lab, 0, 0.5, "mask")
+    grads = (torch.randn_like(lse), torch.randn(z.size(0), 5, device=DEVICE))
+    zd = z.detach()
+    torch.library.opcheck(ops_["contrastive_bwd"], (*grads, zd, zd, *lab, lse, 0, 0.5, "mask"))
+
+
 def test_assign_wide_features_and_many_tiles():
     """D > 128 (the feature loop) and K over several tiles, fp64 exact; lowest index across tiles."""
     x = torch.randn(150, 300, dtype=torch.float64)
@@ -247,7 +412,7 @@ def test_torch_ops_table():
 def test_interpreter_single_config():
     """Under TRITON_INTERPRET=1 kernels are plain (no autotuner, no do_bench) and launch one fixed config."""
     import triton
-    from protoclr.kernels import assign, contrastive, siamese, utils
+    from protoclr.kernels import assign, contrastive, contrastive_sym, siamese, utils
 
     assert utils.INTERPRET
     kernels = [
@@ -255,6 +420,8 @@ def test_interpreter_single_config():
         contrastive._contrastive_fwd_kernel,
         contrastive._contrastive_bwd_rows_kernel,
         contrastive._contrastive_bwd_cols_kernel,
+        contrastive_sym._contrastive_sym_fwd_kernel,
+        contrastive_sym._contrastive_sym_bwd_kernel,
         siamese._siamese_fwd_kernel,
         siamese._siamese_bwd_kernel,
     ]
@@ -269,10 +436,17 @@ def test_interpreter_single_config():
             (contrastive._prune_fwd, contrastive._FWD_CONFIGS),
             (contrastive._prune_rows, contrastive._ROWS_CONFIGS),
             (contrastive._prune_cols, contrastive._COLS_CONFIGS),
+            (contrastive_sym._prune_fwd, contrastive_sym._FWD_CONFIGS),
+            (contrastive_sym._prune_bwd, contrastive_sym._BWD_CONFIGS),
             (assign._prune, assign._CONFIGS),
         ]:
             kept = prune(cfgs, args, BLOCK_D=bd)
             assert kept and (dtype != torch.bfloat16 or bd > 128 or kept[0] is cfgs[0])
+    # nothing fits: the symmetric kernels' fallback is square (BLOCK), not the general kernels' BLOCK_M/BLOCK_N
+    wide = {"z_ptr": torch.empty(1, dtype=torch.float64)}
+    for prune, cfgs in [(contrastive_sym._prune_fwd, contrastive_sym._FWD_CONFIGS),
+                        (contrastive_sym._prune_bwd, contrastive_sym._BWD_CONFIGS)]:  # fmt: skip
+        assert prune(cfgs, wide, BLOCK_D=4096) == [contrastive_sym._SAFE_CONFIG]
     assert {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(siamese._CONFIGS[0].kwargs)
 
 
@@ -292,7 +466,9 @@ def _peak_extra(fn):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gpu_contrastive_16k(dtype):
+@pytest.mark.parametrize("symmetric", ["0", "1"])  # PROTOCLR_TRITON_SYMMETRIC: general or symmetric kernels
+def test_gpu_contrastive_16k(dtype, symmetric, monkeypatch):
+    monkeypatch.setenv("PROTOCLR_TRITON_SYMMETRIC", symmetric)
     n, d = 16384, 128
     b = make_batch(n // 2, 2, dz=d, k=512, device="cuda", dtype=torch.float32)
     z = b["z"].to(dtype)
@@ -310,15 +486,23 @@ def test_gpu_contrastive_16k(dtype):
     run()  # autotune outside the measurement (do_bench allocates its own buffers)
     got, peak = _peak_extra(run)
     want = _contrastive_chunked(z, z, inst, inst, proto, proto, 0, 0.2, "mask", gl, gs)
+    if symmetric == "1":  # the whole gradient in dz, zeros in dzc
+        assert not got[3].any()
+        got, want = got[:3], (*want[:2], want[2] + want[3])
     errs = [rel_err(a, e) for a, e in zip(got, want)]
-    print(f"contrastive N={n} D={d} {dtype}: lse/stats/dz/dzc err {errs}, peak extra {peak / 2**20:.1f} MiB")
+    print(
+        f"contrastive N={n} D={d} {dtype} symmetric={symmetric}: lse/stats/dz(/dzc) err {errs}, "
+        f"peak extra {peak / 2**20:.1f} MiB"
+    )
     assert max(errs) <= (1e-5 if dtype == torch.float32 else 1e-2)  # SPEC §3; plain TF32 (~5e-4) must fail
     # O(N·D): dz, dzc and the label-set segment sums (a few (N + Nc, D) fp32 buffers) plus O(N) statistics;
-    # one N×N fp32 buffer would be 1 GiB
+    # one N×N fp32 buffer would be 1 GiB. The symmetric forward adds its (max, sum) slots, 2·(N/64)·N fp32
+    # (32 MiB here).
     assert peak <= 48 * n * d * 4 + (1 << 20)
     again = run()
-    # The Triton kernels are two passes without atomics, but the label-set sums (`_segment`) use index_add_,
-    # which is atomic on CUDA: summation order varies, so runs agree to fp32 rounding, not bitwise.
+    # The general kernels are two passes without atomics, but the label-set sums (`_segment`) use index_add_,
+    # which is atomic on CUDA (and the symmetric backward adds its column sides atomically): summation order
+    # varies, so runs agree to fp32 rounding, not bitwise.
     assert all(rel_err(a, e) <= 1e-5 for a, e in zip(again, got))
 
 
@@ -541,9 +725,11 @@ def test_tuned_configs_reports_the_autotuners_choices(monkeypatch):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
-        "import json; from protoclr.kernels import assign, contrastive, siamese, utils; "
+        "import json; from protoclr.kernels import assign, contrastive, contrastive_sym, siamese, utils; "
         "print(json.dumps(sorted(utils._TUNED)))"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == sorted(TRITON_KERNELS)
+    # TRITON_KERNELS: the ones bench/sm90_resources.py audits; the opt-in symmetric kernels are not audited yet
+    sym = ["_contrastive_sym_fwd_kernel", "_contrastive_sym_bwd_kernel"]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == sorted([*TRITON_KERNELS, *sym])
