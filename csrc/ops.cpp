@@ -19,6 +19,11 @@ TORCH_LIBRARY(protoclr, m) {
   // SPEC 1.4. idx (M,) int64 = argmax_k x_m·c_k + bias_k (lowest k on ties); score (M,) the max, float32
   // (float64 for float64 x).
   m.def("assign(Tensor x, Tensor prototypes, Tensor? bias) -> (Tensor idx, Tensor score)");
+  // One Lloyd pass of k-means (CPU only): idx and score as assign, sums (K, D) float64 = sum of the rows x_m with
+  // idx_m = k, counts (K,) int64.
+  m.def(
+      "kmeans_step(Tensor x, Tensor prototypes, Tensor? bias) -> (Tensor idx, Tensor score, Tensor sums, "
+      "Tensor counts)");
   // SPEC 1.1 building block. With c_ij = z_i·zc_j, P(i) = {j: g_j != g_i, inst_j = inst_i},
   // F(i) = {j: inst_j != inst_i, proto_i >= 0, protoc_j = proto_i}, A(i) = {j: g_j != g_i},
   // Den(i) = A(i) \ F(i) when fn_mode == "mask", else A(i):

@@ -1,0 +1,110 @@
+// One Lloyd pass of k-means on the CPU (protoclr.cluster.kmeans): the E-step of `assign` (assign_tiles.h, the
+// same argmax) and, fused into it, the M-step statistics: per-cluster row sums and counts. Each row block is
+// added to its clusters' sums right after its argmax, while it is still in cache, so an iteration reads the
+// rows once.
+//
+// Rows are split into one contiguous part per thread. A part adds its float32 rows into float32 partial sums,
+// folded into the part's float64 sums every max(65536, 4K) rows; the parts' float64 sums are then added in part
+// order. Deterministic for a given thread count; float64 rows are summed in float64 directly.
+// Extra memory per thread: one assign tile, (K, D) float64 sums, (K, D) float32 partials for float32 rows.
+#include "simd.h"  // first: its build settings apply to the loops below
+
+#include "assign_tiles.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "protoclr/checks.h"
+
+namespace protoclr {
+namespace {
+
+constexpr int64_t kFoldRows = 65536;
+
+template <typename S, typename T>
+PROTOCLR_ALWAYS_INLINE inline void add_row(S* dst, const T* src, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] += static_cast<S>(src[d]);
+}
+
+PROTOCLR_CPU_CLONES void add_rows_f32(float* sums, const float* x, const int64_t* idx, int64_t nr, int64_t D) {
+  for (int64_t r = 0; r < nr; ++r) add_row(sums + idx[r] * D, x + r * D, D);
+}
+
+PROTOCLR_CPU_CLONES void fold_f32(double* dst, float* partial, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] += static_cast<double>(partial[i]);
+    partial[i] = 0.f;
+  }
+}
+
+template <typename T>
+void kmeans_step_kernel(const T* x, const T* c, const T* bias, int64_t M, int64_t K, int64_t D, int64_t* idx,
+                        T* score, double* part_sums, int64_t* part_counts, int64_t parts) {
+  const int64_t row_blocks = (M + assign_tiles::kRowBlock - 1) / assign_tiles::kRowBlock;
+  const int64_t fold_rows = std::max(kFoldRows, 4 * K);
+  at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
+    std::vector<float> partial(std::is_same_v<T, float> ? K * D : 0, 0.f);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      double* sums = part_sums + p * K * D;
+      int64_t* counts = part_counts + p * K;
+      const int64_t r_begin = std::min(M, (row_blocks * p / parts) * assign_tiles::kRowBlock);
+      const int64_t r_end = std::min(M, (row_blocks * (p + 1) / parts) * assign_tiles::kRowBlock);
+      int64_t pending = 0;  // rows in `partial` not yet folded into `sums`
+      assign_tiles::assign_rows<T>(x, c, bias, r_begin, r_end, K, D, idx, score, [&](int64_t r0, int64_t nr) {
+        for (int64_t r = r0; r < r0 + nr; ++r) ++counts[idx[r]];
+        if constexpr (std::is_same_v<T, float>) {
+          add_rows_f32(partial.data(), x + r0 * D, idx + r0, nr, D);
+          pending += nr;
+          if (pending >= fold_rows) {
+            fold_f32(sums, partial.data(), K * D);
+            pending = 0;
+          }
+        } else {
+          for (int64_t r = r0; r < r0 + nr; ++r) add_row(sums + idx[r] * D, x + r * D, D);
+        }
+      });
+      if constexpr (std::is_same_v<T, float>) {
+        if (pending) fold_f32(sums, partial.data(), K * D);
+      }
+    }
+  });
+}
+
+// idx (M,) and score (M,) as `assign`; sums (K, D) float64 = Σ_{m: idx_m = k} x_m; counts (K,) int64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_step_cpu(const at::Tensor& x,
+                                                                          const at::Tensor& prototypes,
+                                                                          const std::optional<at::Tensor>& bias) {
+  constexpr const char* fn = "kmeans_step";
+  check_assign_inputs(fn, x, prototypes, bias);
+  const auto acc_type = stat_dtype(x.scalar_type());
+  const auto xc = x.to(acc_type).contiguous(), cc = prototypes.to(acc_type).contiguous();
+  const int64_t M = x.size(0), K = prototypes.size(0), D = x.size(1);
+  const at::Tensor b = bias.has_value() ? bias->to(acc_type).contiguous() : at::zeros({K}, xc.options());
+  auto idx = at::empty({M}, x.options().dtype(at::kLong));
+  auto score = at::empty({M}, x.options().dtype(acc_type));
+  const int64_t row_blocks = (M + assign_tiles::kRowBlock - 1) / assign_tiles::kRowBlock;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), row_blocks));
+  auto part_sums = at::zeros({parts, K, D}, x.options().dtype(at::kDouble));
+  auto part_counts = at::zeros({parts, K}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "kmeans_step_cpu", [&] {
+    kmeans_step_kernel<scalar_t>(xc.data_ptr<scalar_t>(), cc.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), M, K, D,
+                                 idx.data_ptr<int64_t>(), score.data_ptr<scalar_t>(), part_sums.data_ptr<double>(),
+                                 part_counts.data_ptr<int64_t>(), parts);
+  });
+  at::Tensor sums = part_sums[0];
+  for (int64_t p = 1; p < parts; ++p) sums.add_(part_sums[p]);  // in part order: deterministic
+  return {idx, score, sums, part_counts.sum(0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(protoclr, CPU, m) { m.impl("kmeans_step", &kmeans_step_cpu); }
+
+}  // namespace protoclr
