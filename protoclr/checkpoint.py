@@ -4,6 +4,7 @@ A checkpoint is one `torch.save`d dict of plain types and tensors (loadable with
 model (the unwrapped module: no DDP `module.` / torch.compile `_orig_mod.` prefixes), optimizer, scheduler,
 scaler, prototypes, sampler, rng and loader (per rank; the loader's is the DALI pipeline's random state when saved
 mid-epoch), epoch, step, step_in_epoch, config (nested dict) and config_yaml.
+`save_training` builds it from the trainer's objects (`TrainingState`) and `restore_training` puts it back.
 `checkpoint.pth` in the output folder is always the latest; `checkpoint{epoch:04}.pth` copies are kept on request.
 Files are written atomically (`atomic_write`) through `.<name>.<random>.tmp` temporaries that a crash can leave
 behind; they are removed after the next successful write of that name and by `remove_stale_temporaries`.
@@ -17,12 +18,16 @@ import os
 import random
 import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from . import __version__, dist
+from .config import flatten, from_dict, to_dict, to_yaml
 
 __all__ = [
     "KEYS",
@@ -38,6 +43,10 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "load_model_state",
+    "TrainingState",
+    "save_training",
+    "resume",
+    "restore_training",
 ]
 
 LATEST = "checkpoint.pth"
@@ -213,6 +222,119 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 f"checkpoint does not match the model: {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}"
             )
     target.load_state_dict(state, strict=True)
+
+
+# -------------------------------------------------------------------------------------------- training state
+
+
+@dataclass
+class TrainingState:
+    """The trainer's objects a checkpoint saves and `--resume` restores (each has state_dict/load_state_dict)."""
+
+    model: nn.Module  # unwrapped: no DDP or torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # optim.WarmupCosine
+    scaler: torch.amp.GradScaler
+    prototypes: Any  # cluster.Prototypes
+    sampler: Any  # data.PrototypePairSampler
+    loader: Any  # the training loader (a DALI loader has random state mid-epoch)
+    bank: Any = None  # cluster.FeatureBank with cluster.features=bank
+
+
+def save_training(
+    out: Path, objs: TrainingState, cfg, epoch: int, step_in_epoch: int, step: int, device: torch.device, sha: str
+) -> Path:
+    """Write `out`/checkpoint.pth meaning "epoch `epoch`, `step_in_epoch` steps of it done, `step` in all" (at an
+    epoch boundary also checkpoint{epoch:04}.pth every cfg.keep_every epochs); returns its path. Every rank joins
+    (their RNG and loader states are gathered); rank 0 writes."""
+    rngs, loaders = zip(*dist.all_gather_object((rng_state(device), objs.loader.state_dict())))
+    # The bank only mid-epoch (at most N·D; a collective): at a boundary the E-step has already used it.
+    bank = objs.bank
+    bank_state = bank.state_dict() if bank is not None and step_in_epoch and bank.epoch == epoch else None
+    path = Path(out) / LATEST
+    if dist.is_main_process():
+        state = {
+            "model": clean_state_dict(unwrap(objs.model).state_dict()),
+            "optimizer": objs.optimizer.state_dict(),
+            "scheduler": objs.scheduler.state_dict(),
+            "scaler": objs.scaler.state_dict(),
+            "prototypes": objs.prototypes.state_dict(),
+            "bank": bank_state,
+            "sampler": objs.sampler.state_dict(),
+            "rng": list(rngs),
+            "loader": list(loaders),
+            "epoch": epoch,
+            "step": step,
+            "step_in_epoch": step_in_epoch,
+            "world_size": dist.get_world_size(),
+            "config": to_dict(cfg),
+            "config_yaml": to_yaml(cfg),
+            "git_sha": sha,
+            "version": __version__,
+        }
+        save(path, state)
+        if step_in_epoch == 0 and cfg.keep_every and epoch % cfg.keep_every == 0:
+            save(Path(out) / f"checkpoint{epoch:04d}.pth", state)
+    dist.barrier()
+    return path
+
+
+def resume(cfg, objs: TrainingState, out: Path, device: torch.device) -> tuple[Path | None, int, int, int]:
+    """`--resume` (cfg.resume) for the run in `out`: (checkpoint, epoch, step, step_in_epoch) after restoring `objs`
+    from it (`restore_training`), or (None, 0, 0, 0) for a fresh start. Rank 0 picks the file; every rank loads it."""
+    path = dist.broadcast_object(resolve_resume(cfg.resume, out) if dist.is_main_process() else None)
+    if path is None:
+        if cfg.resume == "auto":
+            log.info("resume: no checkpoint in %s, starting from scratch", out)
+        return None, 0, 0, 0
+    epoch, step, step_in_epoch = restore_training(path, objs, cfg, device)
+    steps_per_epoch = len(objs.sampler)
+    log.info("resume: %s at epoch %d, step %d (%d/%d of the epoch)", path, epoch, step, step_in_epoch, steps_per_epoch)
+    return path, epoch, step, step_in_epoch
+
+
+def restore_training(path: str | os.PathLike, objs: TrainingState, cfg, device: torch.device) -> tuple[int, int, int]:
+    """Load the checkpoint `path` into `objs` (the model strictly); returns the (epoch, step, step_in_epoch) it was
+    written at. RNG and loader states come back when it holds one per rank of this run, the feature bank when it
+    holds that of the epoch being resumed; config keys that differ from the checkpoint's are logged."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    state = load(path, map_location="cpu")
+    load_model_state(objs.model, state["model"])
+    objs.optimizer.load_state_dict(state["optimizer"])
+    objs.scheduler.load_state_dict(state["scheduler"])
+    objs.scaler.load_state_dict(state["scaler"])
+    objs.prototypes.load_state_dict(state["prototypes"])
+    objs.sampler.load_state_dict(state["sampler"])
+    epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+    if objs.bank is not None and step_in_epoch:
+        if (state.get("bank") or {}).get("epoch") == epoch:
+            objs.bank.load_state_dict(state["bank"])
+        else:
+            log.info("resume: no feature bank of epoch %d in the checkpoint; its E-step makes a pass", epoch)
+    rngs, loaders = state["rng"], state.get("loader", [])
+    if len(rngs) == world:
+        set_rng_state(rngs[rank], device)
+        if len(loaders) == world:
+            objs.loader.load_state_dict(loaders[rank])
+    else:
+        log.warning(
+            "resume: checkpoint has RNG states of %d rank(s), this run has %d; RNGs and augmentation states not "
+            "restored",
+            len(rngs),
+            world,
+        )
+    _log_config_changes(state["config"], cfg)
+    return epoch, step, step_in_epoch
+
+
+def _log_config_changes(saved: dict, cfg) -> None:
+    now, before = flatten(cfg), flatten(from_dict(saved))
+    changed = {k: (v, now[k]) for k, v in before.items() if k not in ("resume", "max_steps", "epochs") and now[k] != v}
+    if changed:
+        log.warning(
+            "resume: config differs from the checkpoint's: %s",
+            ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+        )
 
 
 # ------------------------------------------------------------------------------------------------- RNG

@@ -21,8 +21,7 @@ from helpers import file_tree
 from PIL import Image
 
 from protoclr import config
-from protoclr.data import ImageDataset, export, fmnist, scan_image_folder, stratified_subset
-from protoclr.eval import load_splits
+from protoclr.data import ImageDataset, export, fmnist, load_splits, scan_image_folder, stratified_subset
 
 
 def _index(path: str) -> int:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from protoclr import config
-from protoclr.eval import knn_classify, linear_probe, load_splits
+from protoclr.data import load_splits
+from protoclr.eval import knn_classify, linear_probe
 from protoclr.eval.__main__ import main as eval_main
 
 

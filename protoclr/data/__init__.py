@@ -14,6 +14,7 @@ from .augment import AugmentConfig
 from .build import build_eval_loader, build_train_loader, resolve_backend
 from .folder import ImageDataset, read_file_list, scan_image_folder, stratified_subset
 from .sampler import PrototypePairSampler, paper_pairs
+from .splits import data_root, load_splits, sharded_eval_loader
 
 __all__ = [
     "AugmentConfig",
@@ -22,10 +23,13 @@ __all__ = [
     "paper_pairs",
     "build_eval_loader",
     "build_train_loader",
+    "data_root",
     "digits",
     "fmnist",
+    "load_splits",
     "read_file_list",
     "resolve_backend",
     "scan_image_folder",
+    "sharded_eval_loader",
     "stratified_subset",
 ]

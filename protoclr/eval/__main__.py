@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from .. import checkpoint, cli, config, dist
+from ..data import load_splits
 from ..model import build_model
 from ..monitor import setup_logging
-from . import extract, knn_classify, linear_probe, load_splits
+from . import extract, knn_classify, linear_probe
 
 log = logging.getLogger("protoclr.eval")
 
