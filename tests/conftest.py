@@ -1,4 +1,5 @@
-"""Test set-up: Triton's CPU interpreter when there is no GPU, seeding, and the `backend` fixture."""
+"""Test set-up: Triton's CPU interpreter when there is no GPU, seeding, the `backend` fixture and its per-backend
+cases (`backend_cases`)."""
 
 import os
 import random
@@ -39,14 +40,24 @@ def backend_device(name: str) -> str:
     return "cpu"
 
 
+def _marks(name: str) -> list:
+    return [pytest.mark.gpu] if backend_device(name) == "cuda" else []
+
+
 def _backend_params():
-    params = []
-    for name in ops.BACKENDS:
-        if name == "reference":
-            continue
-        marks = [pytest.mark.gpu] if backend_device(name) == "cuda" else []
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    return [pytest.param(name, marks=_marks(name), id=name) for name in ops.BACKENDS if name != "reference"]
+
+
+def backend_cases(cases: dict[str, list], default: list, case_id) -> list:
+    """(backend, case) parameters for a test whose sizes differ per backend (each crossing its own tiles), through
+    the `backend` fixture: `@pytest.mark.parametrize("backend,case", backend_cases(...), indirect=["backend"])`.
+    Backends missing from `cases` get `default`; `case_id(case)` names a case in the test id."""
+    return [
+        pytest.param(name, case, marks=_marks(name), id=f"{name}-{case_id(case)}")
+        for name in ops.BACKENDS
+        if name != "reference"
+        for case in cases.get(name, default)
+    ]
 
 
 @pytest.fixture(params=_backend_params())

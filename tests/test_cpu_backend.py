@@ -1,6 +1,6 @@
-"""CPU-backend specifics (csrc/cpu): thread-count independence, gradcheck, direct-op validation, the row/column
-split of the distributed form, degenerate rows and a memory bound. Parity per mode/size/dtype lives in
-test_ops_contrastive.py / test_ops_siamese.py (the `backend` fixture)."""
+"""CPU-backend specifics (csrc/cpu): thread-count independence, gradcheck, direct-op validation, opcheck of the
+row/column split of the distributed form, degenerate rows and a memory bound. Parity per mode/size/dtype, the split
+included, lives in test_ops_contrastive.py / test_ops_siamese.py (the `backend` fixture)."""
 
 import os
 
@@ -89,66 +89,13 @@ def test_gradcheck_siamese(balance):
 # --------------------------------------------------------------------------------- row/column split
 
 
-def _split(n=421, rows=(61, 340), dtype=torch.float64, **kw):
-    """A rank's view: rows r0..r1 of a global batch as anchors, every row as columns. 279 rows span three of the
-    backward's 128-row strips (kBwdRows) and 421 columns two 256-column blocks (kMaxCols), both ragged."""
-    b = make_batch_n(n, dtype=dtype, **kw)
-    r0, r1 = rows
-    return b, r0, r1
-
-
 def _grads(outs, inputs, seeds):
     total = sum((o * s).sum() for o, s in zip(outs, seeds))
     return torch.autograd.grad(total, inputs, allow_unused=True)
 
 
-@pytest.mark.parametrize("fn_mode", MODES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_row_column_split_contrastive(fn_mode, dtype):
-    b, r0, r1 = _split(dz=40, k=4, dtype=dtype)
-    zc_full = b["z"].detach()
-    results = {}
-    for name, impl in (("reference", backend_reference), ("cpu", backend_ext)):
-        acc = torch.float64 if name == "reference" else dtype
-        z = zc_full[r0:r1].to(acc).clone().requires_grad_()  # this rank's rows (a separate tensor from zc)
-        zc = zc_full.to(acc).clone().requires_grad_()
-        args = (b["inst"][r0:r1], b["inst"], b["proto"][r0:r1], b["proto"])
-        lse, st = impl.contrastive(z, zc, *args, r0, 0.3, fn_mode)
-        g = torch.Generator().manual_seed(1)
-        seeds = (
-            torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype),
-            torch.randn(st.shape, generator=g, dtype=torch.float64).to(st.dtype),
-        )
-        results[name] = (lse, st, *_grads((lse, st), (z, zc), seeds))
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    errs = [rel_err(a, r) for a, r in zip(results["cpu"], results["reference"])]
-    print(f"split {fn_mode} {dtype}: lse/stats/dz/dzc err " + " ".join(f"{e:.1e}" for e in errs))
-    assert max(errs) <= tol
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_row_column_split_siamese(dtype):
-    b, r0, r1 = _split(dh=37, k=4, dtype=dtype)
-    results = {}
-    for name, impl in (("reference", backend_reference), ("cpu", backend_ext)):
-        acc = torch.float64 if name == "reference" else dtype
-        wdt = torch.float64 if acc == torch.float64 else torch.float32
-        h = b["h"].detach()[r0:r1].to(acc).clone().requires_grad_()
-        hc = b["h"].detach().to(acc).clone().requires_grad_()
-        w = b["weight"].detach().to(wdt).clone().requires_grad_()
-        bias = b["bias"].detach().to(wdt).clone().requires_grad_()
-        args = (b["inst"][r0:r1], b["inst"], b["proto"][r0:r1], b["proto"])
-        loss, count = impl.siamese(h, hc, *args, w, bias, r0)
-        seed = torch.randn(loss.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-        results[name] = (loss, count, *_grads((loss,), (h, hc, w, bias), (seed.to(loss.dtype),)))
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    errs = [rel_err(a, r) for a, r in zip(results["cpu"], results["reference"])]
-    print(f"split siamese {dtype}: loss/count/dh/dhc/dw/db err " + " ".join(f"{e:.1e}" for e in errs))
-    assert max(errs) <= tol
-
-
 def test_opcheck_split():
-    b, r0, r1 = _split(n=40, rows=(13, 29), dz=9, dh=9, k=3, dtype=torch.float32)
+    b, r0, r1 = make_batch_n(40, dz=9, dh=9, k=3, dtype=torch.float32), 13, 29
     z, zc = b["z"][r0:r1].detach().contiguous(), b["z"].detach()
     lab = (b["inst"][r0:r1], b["inst"], b["proto"][r0:r1], b["proto"])
     fwd = torch.ops.protoclr.contrastive_fwd.default

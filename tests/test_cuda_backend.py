@@ -7,7 +7,8 @@ PROTOCLR_C_PATH=/path/to/_C.abi3.so checks another build of the extension (e.g. 
 in-place CPU one) without importing it.
 
 With a GPU (`gpu` marker): N = 16,384 parity against a row-chunked float64 reference, O(N) peak memory, the
-row/column split with row_offset > 0, the fp16 backward's scaling at large N, and bitwise determinism.
+fp16 backward's scaling at large N, and bitwise determinism. The row/column split (row_offset > 0) is
+test_ops_contrastive.py / test_ops_siamese.py::test_row_column_split[cuda-...].
 """
 
 from __future__ import annotations
@@ -213,54 +214,6 @@ def test_contrastive_fp16_backward_scaling_large_n():
         e = rel_err(dz, dz_r)
         print(f"fp16 grad scale {scale:g}: dz err {e:.2e}")
         assert torch.isfinite(dz).all() and e <= 1e-2
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("d", [17, 64, 128, 200])
-def test_row_offset_split_vs_reference(dtype, d):
-    """Rows are a slice [a, b) of the global batch, columns the whole batch (the distributed form)."""
-    n, a, e, tau = 601, 137, 419, 0.3
-    b = make_batch_n(n, dz=d, dh=d, k=5, device=_DEV, dtype=torch.float64)
-    x64, inst, proto = b["z"], b["inst"], b["proto"]
-    x = x64.to(dtype)
-    rows = x[a:e]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    tol = 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 1e-2)
-    for fn_mode in MODES:
-        lse, st = torch.ops.protoclr.contrastive_fwd(rows, x, inst[a:e], inst, proto[a:e], proto, a, tau, fn_mode)
-        # detached leaves: for float64, .double() returns the tensor itself, and requires_grad_ on x would make
-        # the row view depend on the columns (the reference's column gradient then includes the rows')
-        zr = rows.detach().double().requires_grad_()
-        zc = x.detach().double().requires_grad_()
-        lse_r, st_r = ref.contrastive(zr, zc, inst[a:e], inst, proto[a:e], proto, a, tau, fn_mode)
-        assert rel_err(lse, lse_r) <= tol and rel_err(st, st_r) <= tol, fn_mode
-        gl = torch.rand(e - a, device=_DEV, dtype=acc)
-        gs = torch.randn(e - a, 5, device=_DEV, dtype=acc)
-        dz, dzc = torch.ops.protoclr.contrastive_bwd(
-            gl, gs, rows, x, inst[a:e], inst, proto[a:e], proto, lse, a, tau, fn_mode
-        )
-        obj = (gl.double() * torch.where(torch.isfinite(lse_r), lse_r, 0)).sum() + (gs.double() * st_r).sum()
-        dz_r, dzc_r = torch.autograd.grad(obj, (zr, zc))
-        gtol = 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 1e-2)
-        assert rel_err(dz, dz_r) <= gtol and rel_err(dzc, dzc_r) <= gtol, (fn_mode, rel_err(dz, dz_r))
-    # siamese: pairs g_i < g_j with rows offset by a
-    h = x64.to(dtype)
-    wdt = torch.float64 if dtype == torch.float64 else torch.float32
-    w, bias = b["weight"].to(wdt), b["bias"].to(wdt)
-    loss, cnt = torch.ops.protoclr.siamese_fwd(h[a:e], h, inst[a:e], inst, proto[a:e], proto, w, bias, a)
-    hr = h[a:e].detach().double().requires_grad_()
-    hc = h.detach().double().requires_grad_()
-    wr, br = w.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
-    loss_r, cnt_r = ref.siamese(hr, hc, inst[a:e], inst, proto[a:e], proto, wr, br, a)
-    assert torch.equal(cnt.double(), cnt_r) and rel_err(loss, loss_r) <= tol
-    gl = torch.randn(e - a, 2, device=_DEV, dtype=wdt)
-    dh, dhc, dw, db = torch.ops.protoclr.siamese_bwd(gl, h[a:e], h, inst[a:e], inst, proto[a:e], proto, w, bias, a)
-    refs = torch.autograd.grad((gl.double() * loss_r).sum(), (hr, hc, wr, br))
-    gtol = 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 1e-2)
-    for got, want, name in zip((dh, dhc, dw, db), refs, ("dh", "dhc", "dw", "db")):
-        assert rel_err(got, want) <= gtol, (name, rel_err(got, want))
 
 
 @pytest.mark.gpu

@@ -15,22 +15,9 @@ from pathlib import Path
 import pytest
 
 from protoclr import config
+from tests.helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-# The digits preset shrunk to seconds: ResNet-18 of base width 4 at 8 px, K = 5.
-TINY = [
-    "model.width=4",
-    "aug.image_size=8",
-    "cluster.k=5",
-    "cluster.pca_dim=16",
-    "batch_size=32",
-    "data.num_workers=0",
-    "data.backend=torch",
-    "data.eval_batch_size=512",
-    "progress=false",
-    "log_every=1",
-    "threads=1",
-]
 
 
 def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:

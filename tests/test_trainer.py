@@ -18,23 +18,7 @@ from torch import nn
 from protoclr import checkpoint, config, ops
 from protoclr.model import DistBatchNorm, build_backbone, build_model, convert_sync_batchnorm
 from protoclr.optim import LARS, WarmupCosine, build_optimizer, param_groups, scaled_lr
-
-# A ResNet-18 of base width 4 at 8 px: the digits preset's code path in a few seconds per run.
-TINY = [
-    "model.width=4",
-    "aug.image_size=8",
-    "cluster.k=5",
-    "cluster.pca_dim=16",
-    "batch_size=32",
-    "data.backend=torch",
-    "data.num_workers=0",
-    "data.eval_batch_size=512",
-    "progress=false",
-    "eval.knn_every=0",
-    "log_every=1",
-    "threads=1",
-    "loss.backend=reference",
-]
+from tests.helpers import TINY_IN_PROCESS as TINY  # test_bench/cli/eval/export import it from here
 
 
 def tiny_cfg(out: Path, *extra: str, **named) -> config.Config:
