@@ -1,4 +1,5 @@
-"""What the DALI and the torchvision loaders share: the output contract, per-batch seeds, epoch bookkeeping.
+"""What the DALI and the torchvision loaders share: the output contract, per-batch seeds, epoch bookkeeping, the
+eval loaders' batching and skip log.
 
 Output contract of a training loader: each step yields `(views, index)`, `views` a list of V large then
 `n_small_crops` small float32 tensors (B, 3, H, W) on the training device, channels_last, normalised with the
@@ -12,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from .augment import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
 from .folder import ImageDataset, SkipLog
 
 
@@ -73,6 +75,51 @@ class LoaderBase:
         # A loader prefetches, so the sampler's own count runs ahead of what the trainer has received.
         if hasattr(self.sampler, "position"):
             self.sampler.position = position
+
+
+class EvalLoaderBase:
+    """Eval loader: resize + centre crop + normalise, in the order of `indices`; see `build_eval_loader`.
+    An unreadable image comes out as an all-zero (mean-colour) image, keeping its index and label.
+
+    What both backends share: the arguments, the batches of `indices` (the last may be smaller), and the log of the
+    unreadable images of the current (or last) pass."""
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        image_size: int,
+        batch_size: int,
+        device: torch.device,
+        indices: Sequence[int],
+        num_workers: int = 2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        resize_size: int | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.indices = [int(i) for i in indices]
+        self.num_workers = num_workers
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.resize_size = resize_size or eval_resize_size(image_size)
+        self._skips = SkipLog(type(self).__name__)
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def batches(self) -> list[list[int]]:
+        return [self.indices[s : s + self.batch_size] for s in range(0, len(self.indices), self.batch_size)]
+
+    @property
+    def skipped(self) -> int:
+        return self._skips.count
+
+    @property
+    def skipped_paths(self) -> list[str]:
+        """Paths of the unreadable images of the current (or last) pass, one entry per skip."""
+        return list(self._skips.paths)
 
 
 def positioned(sampler: Iterable[list[int]]) -> Iterable[tuple[int, list[int]]]:

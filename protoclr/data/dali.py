@@ -31,16 +31,16 @@ import functools
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .augment import AugmentConfig, ViewSpec, blur_kernel_size, eval_resize_size
-from .common import LoaderBase, batch_seed, positioned
-from .folder import ImageDataset, SkipLog, check_encoded, find_good_index, substitute
+from .augment import AugmentConfig, ViewSpec, blur_kernel_size
+from .common import EvalLoaderBase, LoaderBase, batch_seed, positioned
+from .folder import ImageDataset, check_encoded, find_good_index, substitute
 
 log = logging.getLogger(__name__)
 
@@ -506,60 +506,26 @@ class DaliTrainLoader(LoaderBase):
             self._skips.report(epoch)
 
 
-class DaliEvalLoader:
-    """Eval loader on DALI: resize + centre crop + normalise, in the order of `indices`; see `build_eval_loader`.
-    An unreadable image comes out as an all-zero (mean-colour) image, keeping its index and label."""
+class DaliEvalLoader(EvalLoaderBase):
+    """The eval loader (`common.EvalLoaderBase`) on DALI: decoding with nvJPEG on a GPU, else on the CPU."""
 
     backend = "dali"
 
-    def __init__(
-        self,
-        dataset: ImageDataset,
-        image_size: int,
-        batch_size: int,
-        device: torch.device,
-        indices: Sequence[int],
-        num_workers: int = 2,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        resize_size: int | None = None,
-    ) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         why = dali_available()
         if why is not None:
             raise RuntimeError(f"DaliEvalLoader: {why}")
-        self.dataset = dataset
-        self.device = torch.device(device)
-        self.indices = [int(i) for i in indices]
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.resize_size = resize_size or eval_resize_size(image_size)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.num_threads = max(1, num_workers)
+        super().__init__(*args, **kwargs)
+        self.num_threads = max(1, self.num_workers)
         self.gpu = self.device.type == "cuda"
         self.device_id = _device_id(self.device)
-        self._skips = SkipLog(type(self).__name__)
         self._bad: dict[str, str] = {}
-
-    def __len__(self) -> int:
-        return -(-len(self.indices) // self.batch_size)
-
-    @property
-    def skipped(self) -> int:
-        return self._skips.count
-
-    @property
-    def skipped_paths(self) -> list[str]:
-        """Paths of the unreadable images of the current (or last) pass, one entry per skip."""
-        return list(self._skips.paths)
 
     def __iter__(self):
         self._skips.reset()
         if not self.indices:  # e.g. more ranks than images: nothing to feed, and DALI wants a first batch
             return
-        chunks = [
-            (k, self.indices[s : s + self.batch_size])
-            for k, s in enumerate(range(0, len(self.indices), self.batch_size))
-        ]
+        chunks = list(enumerate(self.batches()))
         feeder = _EvalFeeder(self.dataset, chunks, self.num_threads, self._bad)
         labels_of = [c for _, c in self.dataset.samples]
         try:

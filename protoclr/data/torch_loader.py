@@ -14,15 +14,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import AugmentConfig, ViewSpec, blur_kernel_size, eval_resize_size
-from .common import LoaderBase, batch_seed, norm_stats, normalise_uint8, positioned
-from .folder import ImageDataset, SkipLog, check_encoded, find_good_index, substitute
+from .augment import AugmentConfig, ViewSpec, blur_kernel_size
+from .common import EvalLoaderBase, LoaderBase, batch_seed, norm_stats, normalise_uint8, positioned
+from .folder import ImageDataset, check_encoded, find_good_index, substitute
 
 log = logging.getLogger(__name__)
 
@@ -231,50 +231,21 @@ class _EvalBatches(Dataset):
         return out.contiguous(memory_format=torch.channels_last), labels, torch.tensor(indices), ok, skipped
 
 
-class TorchEvalLoader:
-    """Eval loader: resize + centre crop + normalise, in the order of `indices`; see `build_eval_loader`.
-    An unreadable image comes out as an all-zero (mean-colour) image, keeping its index and label."""
+class TorchEvalLoader(EvalLoaderBase):
+    """The eval loader (`common.EvalLoaderBase`) on torchvision: decoding in DataLoader workers."""
 
     backend = "torch"
 
-    def __init__(
-        self,
-        dataset: ImageDataset,
-        image_size: int,
-        batch_size: int,
-        device: torch.device,
-        indices: Sequence[int],
-        num_workers: int = 2,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        resize_size: int | None = None,
-    ) -> None:
-        self.dataset = dataset
-        self.device = torch.device(device)
-        self.indices = [int(i) for i in indices]
-        self.batch_size = batch_size
-        self._mean, self._std = norm_stats(mean, std, self.device)
-        self._skips = SkipLog(type(self).__name__)
-        keys = [self.indices[i : i + batch_size] for i in range(0, len(self.indices), batch_size)]
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._mean, self._std = norm_stats(self.mean, self.std, self.device)
         self._loader = DataLoader(
-            _EvalBatches(dataset.samples, image_size, resize_size or eval_resize_size(image_size)),
+            _EvalBatches(self.dataset.samples, self.image_size, self.resize_size),
             batch_size=None,
-            sampler=keys,
-            num_workers=num_workers,
+            sampler=self.batches(),
+            num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-
-    def __len__(self) -> int:
-        return len(self._loader)
-
-    @property
-    def skipped(self) -> int:
-        return self._skips.count
-
-    @property
-    def skipped_paths(self) -> list[str]:
-        """Paths of the unreadable images of the current (or last) pass, one entry per skip."""
-        return list(self._skips.paths)
 
     def __iter__(self):
         self._skips.reset()
