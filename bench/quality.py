@@ -82,8 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clusters",
         action="store_true",
-        help="only measure the final prototypes of every run of --split against the labels: purity, and how the\n"
-        "false-negative handling sees pairs (same prototype vs same class)",
+        help="only measure the final prototypes of every run of --split against the labels: purity, how the\n"
+        "false-negative handling sees pairs (same prototype vs same class), and the share of the contrastive\n"
+        "repulsion (softmax mass over the training set, tau 0.5 and 0.2) on own-prototype and own-class images",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every trained method")
     return p
@@ -382,17 +383,59 @@ def cluster_stats(ckpt_path: Path) -> dict | None:
         "recall": both / same_y,
         "masked": same_p / (n * (n - 1)),
         "same_class": same_y / (n * (n - 1)),
+        **negative_mass(state, ds, known),
     }
 
 
+def negative_mass(state: dict, ds, known, taus: tuple[float, ...] = (0.5, 0.2)) -> dict:
+    """Where a trained encoder's contrastive repulsion goes. Over every anchor i and image j != i of the training
+    set (eval transform, z in eval mode), the share of sum_j exp(z_i·z_j / tau) that falls on images of i's
+    prototype (what fn_mode=mask removes) and on images of i's class (the true false negatives), averaged over
+    anchors, at each tau in `taus`. A random batch's denominator holds the same shares in expectation."""
+    import torch
+    import torch.nn.functional as F
+
+    from protoclr import checkpoint
+    from protoclr.config import from_dict
+    from protoclr.eval import extract
+    from protoclr.model import build_model
+
+    cfg = from_dict(state["config"])
+    model = build_model(cfg)
+    checkpoint.load_model_state(model, state["model"])
+    model.eval()
+    with torch.no_grad():
+        h, y, _ = extract(model.backbone, ds, cfg, torch.device("cpu"))
+        z = F.normalize(model.projector(h).double(), dim=1)
+    keep = torch.as_tensor(known)
+    z, y, p = z[keep], y[keep], state["prototypes"]["ids"][keep]
+    out = {}
+    for tau in taus:
+        proto_share = class_share = 0.0
+        for rows in torch.split(torch.arange(len(z)), 1024):
+            w = torch.exp((z[rows] @ z.T - 1) / tau)  # shifted by the max possible similarity: no overflow
+            w[torch.arange(len(rows)), rows] = 0
+            total = w.sum(1)
+            proto_share += float(((w * (p[rows, None] == p[None])).sum(1) / total).sum())
+            class_share += float(((w * (y[rows, None] == y[None])).sum(1) / total).sum())
+        out[f"mass_proto_t{tau:g}"] = proto_share / len(z)
+        out[f"mass_class_t{tau:g}"] = class_share / len(z)
+    out["tau"] = state["config"]["loss"]["tau"]
+    return out
+
+
 def print_cluster_stats(work: Path, split: str) -> None:
-    print("| run | K | purity | P(same class \\| same prototype) | P(same prototype \\| same class) | pairs masked "
-          "| pairs of one class |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| run | tau | K | purity | P(same class \\| same prototype) | P(same prototype \\| same class) "
+          "| pairs masked | pairs of one class | repulsion on own prototype, tau 0.5 / 0.2 "
+          "| repulsion on own class, tau 0.5 / 0.2 |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for ckpt in sorted((work / "runs" / split).glob("*/checkpoint.pth")):
         st = cluster_stats(ckpt)
         if st is not None:
-            print(f"| {ckpt.parent.name} | {st['k']} | {st['purity']:.3f} | {st['precision']:.3f} | "
-                  f"{st['recall']:.3f} | {100 * st['masked']:.2f}% | {100 * st['same_class']:.2f}% |")  # fmt: skip
+            print(f"| {ckpt.parent.name} | {st['tau']:g} | {st['k']} | {st['purity']:.3f} | {st['precision']:.3f} | "
+                  f"{st['recall']:.3f} | {100 * st['masked']:.2f}% | {100 * st['same_class']:.2f}% "
+                  f"| {100 * st['mass_proto_t0.5']:.1f}% / {100 * st['mass_proto_t0.2']:.1f}% "
+                  f"| {100 * st['mass_class_t0.5']:.1f}% / {100 * st['mass_class_t0.2']:.1f}% |",
+                  flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
