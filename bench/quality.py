@@ -387,6 +387,21 @@ def cluster_stats(ckpt_path: Path) -> dict | None:
     }
 
 
+def repulsion_shares(z, *groups, tau: float) -> list[float]:
+    """Per grouping g (an int label per row), the mean over anchors i of
+    sum_{j != i, g_j = g_i} exp(z_i·z_j / tau) / sum_{j != i} exp(z_i·z_j / tau), for L2-normalised rows z."""
+    import torch
+
+    shares = [0.0] * len(groups)
+    for rows in torch.split(torch.arange(len(z)), 1024):
+        w = torch.exp((z[rows] @ z.T - 1) / tau)  # shifted by the largest possible similarity: no overflow
+        w[torch.arange(len(rows)), rows] = 0
+        total = w.sum(1)
+        for k, g in enumerate(groups):
+            shares[k] += float(((w * (g[rows, None] == g[None])).sum(1) / total).sum())
+    return [share / len(z) for share in shares]
+
+
 def negative_mass(state: dict, ds, known, taus: tuple[float, ...] = (0.5, 0.2)) -> dict:
     """Where a trained encoder's contrastive repulsion goes. Over every anchor i and image j != i of the training
     set (eval transform, z in eval mode), the share of sum_j exp(z_i·z_j / tau) that falls on images of i's
@@ -411,15 +426,7 @@ def negative_mass(state: dict, ds, known, taus: tuple[float, ...] = (0.5, 0.2)) 
     z, y, p = z[keep], y[keep], state["prototypes"]["ids"][keep]
     out = {}
     for tau in taus:
-        proto_share = class_share = 0.0
-        for rows in torch.split(torch.arange(len(z)), 1024):
-            w = torch.exp((z[rows] @ z.T - 1) / tau)  # shifted by the max possible similarity: no overflow
-            w[torch.arange(len(rows)), rows] = 0
-            total = w.sum(1)
-            proto_share += float(((w * (p[rows, None] == p[None])).sum(1) / total).sum())
-            class_share += float(((w * (y[rows, None] == y[None])).sum(1) / total).sum())
-        out[f"mass_proto_t{tau:g}"] = proto_share / len(z)
-        out[f"mass_class_t{tau:g}"] = class_share / len(z)
+        out[f"mass_proto_t{tau:g}"], out[f"mass_class_t{tau:g}"] = repulsion_shares(z, p, y, tau=tau)
     out["tau"] = state["config"]["loss"]["tau"]
     return out
 

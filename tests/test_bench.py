@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -125,3 +127,21 @@ def test_e2e_times_the_bank_estep_apart_from_the_first_pass(tmp_path):
     fill_s = 3 * row["bank_fill_ms"] / 1e3
     assert abs(row["estep_share_epoch"] - (row["estep_s"] + fill_s) / row["epoch_s_est"]) < 1e-9
     assert "E-step features: bank" in r.stdout and "first E-step (pass)" in r.stdout
+
+
+def test_quality_repulsion_shares_match_a_loop_over_pairs():
+    """bench/quality.py --clusters: the share of an anchor's softmax denominator on its own group, against the
+    definition written as a loop (float64; rows past one 1024-row chunk; a group of one image)."""
+    q = _quality()
+    g = torch.Generator().manual_seed(0)
+    n, tau = 1100, 0.2
+    z = torch.nn.functional.normalize(torch.randn(n, 8, dtype=torch.float64, generator=g), dim=1)
+    a = torch.randint(0, 7, (n,), generator=g)
+    a[0] = 99
+    b = torch.randint(0, 3, (n,), generator=g)
+    got = q.repulsion_shares(z, a, b, tau=tau)
+    for k, lab in enumerate((a, b)):
+        w = torch.exp(z @ z.T / tau)
+        w.fill_diagonal_(0)
+        want = ((w * (lab[:, None] == lab[None])).sum(1) / w.sum(1)).mean().item()
+        assert abs(got[k] - want) < 1e-12, (k, got[k], want)
