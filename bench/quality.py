@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's protoclr, also when it is not the installed one
 RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 PRESET = ROOT / "configs" / "fmnist.yaml"
+PRESET_TAU = 0.2  # the preset's loss.tau (tests/test_bench.py checks); rows at another tau are labelled with theirs
 
 # Objective of each method, as overrides of the preset. Everything else is shared. "spcl" is the preset as it is
 # (protoclr's default SPCL); the spcl-* rows pin the SPEC §2 values they vary, so they stay what their name says
@@ -170,6 +171,17 @@ def method_overrides(method: str, args) -> list[str]:
     return [*(METHODS[method] or []), *shared_overrides(args)]
 
 
+def effective_tau(method: str, args) -> float | None:
+    """loss.tau a (method, settings) trains with (None where no contrastive term trains: raw, random, supervised):
+    part of a row's key, so rows of an earlier preset are not taken for the current one."""
+    if METHODS[method] is None:
+        return None
+    from protoclr.config import resolve
+
+    loss = resolve(args.config, {}, method_overrides(method, args)).loss
+    return loss.tau if loss.lambda_con else None
+
+
 def run_name(method: str, args) -> str:
     return method + (f"-{args.tag}" if args.tag else "")
 
@@ -185,7 +197,7 @@ def run_one(method: str, seed: int, args, paths: dict[str, Path], work: Path) ->
     shared = shared_overrides(args)
     overrides = method_overrides(method, args)
     common = ["--data", str(paths["root"]), "--val", str(held)]
-    row: dict = {"method": name, "seed": seed, "split": args.split}
+    row: dict = {"method": name, "seed": seed, "split": args.split, "tau": effective_tau(method, args)}
     t0 = time.perf_counter()
     if METHODS[method] is None:
         base = [py, "-m", "protoclr.eval", "--config", args.config, *common]
@@ -229,7 +241,20 @@ def _git_sha() -> str:
 
 
 def _key(row: dict) -> tuple:
-    return (row["method"], row["seed"], row["split"], row.get("train_images"), tuple(row.get("overrides") or ()))
+    return (
+        row["method"],
+        row["seed"],
+        row["split"],
+        row.get("train_images"),
+        tuple(row.get("overrides") or ()),
+        row.get("tau"),
+    )
+
+
+def planned_key(method: str, seed: int, args) -> tuple:
+    """The `_key` of the row that running (method, seed) with these settings writes."""
+    overrides = tuple(method_overrides(method, args))
+    return (run_name(method, args), seed, args.split, args.train_images, overrides, effective_tau(method, args))
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -238,6 +263,12 @@ def load_rows(path: Path) -> list[dict]:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [r for r in rows if "method" in r]  # this study's rows (an ablations file may hold older hand-run ones)
+
+
+def _label(row: dict) -> str:
+    """The table's name of a row: its method, and its temperature when that is not the current preset's."""
+    tau = row.get("tau")
+    return row["method"] if tau is None or tau == PRESET_TAU else f"{row['method']} (τ {tau:g})"
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -255,7 +286,7 @@ def summarise(rows: list[dict], split: str) -> list[dict]:
     latest: dict[tuple, dict] = {}
     for r in rows:
         if r["split"] == split:
-            latest[(r["method"], r["seed"])] = r
+            latest[(_label(r), r["seed"])] = r
     by_method: dict[str, list[dict]] = defaultdict(list)
     for (method, _), r in sorted(latest.items()):
         by_method[method].append(r)
@@ -278,7 +309,7 @@ def summarise(rows: list[dict], split: str) -> list[dict]:
     order = {m: i for i, m in enumerate(METHODS)}
     out.sort(
         key=lambda s: (
-            order.get(s["method"], order.get(s["method"].split("-")[0], 99)),
+            order.get(s["method"].split(" (")[0], order.get(s["method"].split("-")[0], 99)),
             s["method"],
         )
     )
@@ -458,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for seed in args.seeds if args.seeds is not None else PLAN[method]:
                 name = run_name(method, args)
-                key = (name, seed, args.split, args.train_images, tuple(method_overrides(method, args)))
+                key = planned_key(method, seed, args)
                 if key in done:
                     print(f"quality: {name} seed {seed} ({args.split}) already in {results}, skipped", flush=True)
                     continue

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,8 +83,10 @@ def test_quality_summary_table_and_resume_key(tmp_path):
                 "knn_curve": [[2, knn - 5], [4, knn]],
                 "train_images": args.train_images,
                 "overrides": q.method_overrides("spcl", args),
+                "tau": q.effective_tau("spcl", args),
             }
         )
+    rows.append({**rows[0], "tau": 0.5, "knn_top1": 70.0})  # a row of an earlier preset: its own line
     rows.append(
         {
             "method": "raw",
@@ -103,8 +106,12 @@ def test_quality_summary_table_and_resume_key(tmp_path):
     text = q.table(list(summary.values()))
     assert "| spcl | 3 | 80.00 / 82.00 / 90.00 | 84.00 ± 5.29 | 83.00 ± 5.29 |" in text and "| raw | 1 |" in text
     assert "cluster.k=50" in q.method_overrides("simclr", args) and "data.subset=0" in q.method_overrides("raw", args)
-    planned = (q.run_name("spcl", args), 0, "val", args.train_images, tuple(q.method_overrides("spcl", args)))
-    assert q._key(rows[0]) == planned
+    preset_tau = yaml.safe_load(q.PRESET.read_text())["loss"]["tau"]
+    assert q.effective_tau("spcl", args) == q.PRESET_TAU == preset_tau and q.effective_tau(
+        "raw", args
+    ) is None is q.effective_tau("supervised", args)
+    assert summary["spcl (τ 0.5)"]["knn"] == [70.0] and "| spcl (τ 0.5) | 1 |" in q.table(list(summary.values()))
+    assert q._key(rows[0]) == q.planned_key("spcl", 0, args) != q._key(rows[4])
     assert q.plot(q.summarise(rows, "val"), "val", tmp_path).is_file()
 
 
