@@ -87,6 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "false-negative handling sees pairs (same prototype vs same class), and the share of the contrastive\n"
         "repulsion (softmax mass over the training set, tau 0.5 and 0.2) on own-prototype and own-class images",
     )
+    p.add_argument("--runs", default="*", help="with --clusters: a glob of run folder names (e.g. 'spcl-s*')")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every trained method")
     return p
 
@@ -462,11 +463,11 @@ def negative_mass(state: dict, ds, known, taus: tuple[float, ...] = (0.5, 0.2)) 
     return out
 
 
-def print_cluster_stats(work: Path, split: str) -> None:
+def print_cluster_stats(work: Path, split: str, runs: str = "*") -> None:
     print("| run | tau | K | purity | P(same class \\| same prototype) | P(same prototype \\| same class) "
           "| pairs masked | pairs of one class | repulsion on own prototype, tau 0.5 / 0.2 "
           "| repulsion on own class, tau 0.5 / 0.2 |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-    for ckpt in sorted((work / "runs" / split).glob("*/checkpoint.pth")):
+    for ckpt in sorted((work / "runs" / split).glob(f"{runs}/checkpoint.pth")):
         st = cluster_stats(ckpt)
         if st is not None:
             print(f"| {ckpt.parent.name} | {st['tau']:g} | {st['k']} | {st['purity']:.3f} | {st['precision']:.3f} | "
@@ -479,7 +480,7 @@ def print_cluster_stats(work: Path, split: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     if args.clusters:
-        print_cluster_stats(work_dir(args.work), args.split)
+        print_cluster_stats(work_dir(args.work), args.split, args.runs)
         return
     results = Path(args.results)
     if not args.report:
