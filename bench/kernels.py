@@ -660,6 +660,8 @@ def _parse_sizes(items: list[str], preset: dict) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from protoclr.ops.checks import FN_MODES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--device",
@@ -688,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default=None, help="override every op's dtype (float32, bfloat16, float16, float64)")
     p.add_argument("--tau", type=float, default=0.5)
-    p.add_argument("--fn-mode", default="none", choices=["none", "mask", "attract"])
+    p.add_argument("--fn-mode", default="none", choices=FN_MODES)
     p.add_argument(
         "--no-tf32", action="store_true", help="GPU: fp32 matmuls in full fp32 (default TF32, as in training)"
     )

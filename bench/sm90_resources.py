@@ -173,10 +173,10 @@ def _capture(v: dict):
             z = torch.empty(n, d, dtype=dt, device=dev)
             lab = labels(n)
             if v["kernel"] == "_contrastive_fwd_kernel":
-                contrastive.contrastive_fwd(z, z, lab, lab, lab, lab, 0, 0.5, v["fn_mode"])
+                contrastive.contrastive_fwd(z, z, lab, lab, lab, lab, 0, 0.5, v["fn_mode"] == "mask")
             else:
                 g, gs, lse = (torch.empty(s, dtype=acc, device=dev) for s in ((n,), (n, 5), (n,)))
-                contrastive.contrastive_bwd(g, gs, z, z, lab, lab, lab, lab, lse, 0, 0.5, v["fn_mode"])
+                contrastive.contrastive_bwd(g, gs, z, z, lab, lab, lab, lab, lse, 0, 0.5, v["fn_mode"] == "mask")
         else:
             n, d = SIAMESE_SHAPES[v["case"]]
             h = torch.empty(n, d, dtype=dt, device=dev)

@@ -2,7 +2,7 @@
 
 Row/column form: rows z (N, D) are anchors with global index row_offset + r, columns zc (Nc, D) the batch.
 With c_ij = z_i·zc_j, P(i) = {j != i: inst_j = inst_i}, F(i) = {j: inst_j != inst_i, proto_i >= 0,
-protoc_j = proto_i}, A(i) = {j != i}, Den(i) = A(i) \\ F(i) for fn_mode "mask", else A(i):
+protoc_j = proto_i}, A(i) = {j != i}, Den(i) = A(i) \\ F(i) when `mask` (fn_mode "mask"), else A(i):
   forward:  lse_i = logsumexp_{j in Den(i)} c_ij / tau,  stats_i = [sum_P c, |P|, sum_F c, |F|, sum_A c]
   backward: gradients of sum(grad_lse·lse) + sum(grad_stats·stats).
 
@@ -19,10 +19,10 @@ Design (flash-attention style; no N×Nc buffer anywhere):
 - The statistics are linear in c over label-defined sets, so they need no pass over (i, j):
   sum_P c_i = z_i·Σ_{j∈P(i)} zc_j, and Σ_{j∈P(i)} zc_j is a per-image segment sum of zc (minus the anchor's
   own column); likewise F (per-prototype sum minus the per-(image, prototype) sum) and A (the column total
-  minus the own column). These O((N + Nc)·D) segment sums (`_label_sums`) are exact and replace five
-  masked reductions per (i, j), which on sm_90 pushed the fused tile loop to 255 registers and spills
-  (measured on an H200, N = 65,536, D = 128, bf16: forward 24.8 ms with in-tile statistics vs 2.3 ms
-  without). Their gradients are the same segment sums weighted by grad_stats.
+  minus the own column). These O((N + Nc)·D) segment sums (`_stats_and_grads`) are exact and replace five
+  masked reductions per (i, j), which push the fused tile loop past sm_90's register file (spills, a
+  forward ~10x slower: bench/results/README.md). Their gradients are the same segment sums weighted by
+  grad_stats.
 - Backward recomputes c tile by tile, twice: a row pass (dz_i = Σ_j G_ij zc_j; the column tile is both the
   `tl.dot` operand for c and the one for G·zc) and a column pass (dzc_j = Σ_i G_ij z_i; tiles computed
   transposed, c^T = zc_J·z_I^T, so dzc_J accumulates in registers), with G the log-sum-exp part only; the
@@ -61,11 +61,9 @@ from .utils import (
     upcast,
 )
 
-FN_MODES = {"none": 0, "mask": 1, "attract": 2}
 _D_SINGLE_BYTES = 512  # widest feature row held as one tile: 256 bf16 features
 # fp32 with tf32x3: Triton splits each fp32 operand into two TF32 halves in registers, so a stationary
-# (BLOCK, 128) fp32 tile costs twice its size in registers: at D = 128 every backward config spilled (sm_90
-# audit, bench/sm90_resources.py: 0.8-3.5 KB per thread in all 6 configs of each pass, Triton 3.6 and 3.8).
+# (BLOCK, 128) fp32 tile costs twice its size in registers and every backward config spills at D = 128.
 # 64-feature chunks (D_SINGLE = False beyond 64 features) leave configs below that compile without spills; the
 # backward then recomputes c once per 64-feature output chunk (2x at D = 128), far cheaper than local memory.
 _D_SINGLE_BYTES_TF32X3 = 256
@@ -80,15 +78,15 @@ def _cfgs(rows) -> list:
 
 # Hopper (sm_90) candidates per operand kind (`_kind`); [0] is the default (no tuning). bf16/fp16 (D = 128,
 # 06-fused-attention shapes) also serve fp64 and the opt-in fp32 "tf32"/"ieee", within the shared-memory prune.
-# Checked with bench/sm90_resources.py (ptxas -v for sm_90, Triton 3.6 = the device image's, and 3.8): every
-# default compiles without register spills in every fn_mode and feature width (D_SINGLE, EVEN_D) for bf16,
-# fp16 and fp32, aligned or ragged (`_RAGGED_DEFAULTS`), except the fp32 row pass at D % 16 != 0 (16-48 B);
-# the H200 probe measured the bf16 forward default at 2.32 ms for N = 65,536.
+# Every default compiles without register spills for sm_90 in every fn_mode and feature width (D_SINGLE,
+# EVEN_D) for bf16, fp16 and fp32, aligned or ragged (`_RAGGED_DEFAULTS`), except the fp32 row pass at
+# D % 16 != 0: tests/test_sm90_resources.py keeps it so (bench/sm90_resources.py; figures in
+# bench/results/README.md).
 _FWD = {
     "16bit": _cfgs(
         [(128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)]
     ),
-    # tf32x3 in 64-feature chunks: the spill-free ones of the audit (128x64 and 64x64 tiles spill on 3.8)
+    # tf32x3 in 64-feature chunks: the configs that compile without spills (128x64 and 64x64 tiles spill)
     "tf32x3": _cfgs([(128, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 1)]),
 }
 # Backward row pass: a (BLOCK_M, BLOCK_D) fp32 accumulator besides the c tile.
@@ -96,7 +94,7 @@ _ROWS = {
     "16bit": _cfgs(
         [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
     ),
-    # tf32x3: pipelined (num_stages 2) 64x32 and 128x32 tiles spill 12-100 B; one stage or 16 columns do not
+    # tf32x3: pipelined (num_stages 2) 64x32 and 128x32 tiles spill; one stage or 16 columns do not
     "tf32x3": _cfgs([(64, 32, 4, 1), (128, 32, 8, 1), (128, 16, 8, 2), (128, 16, 8, 1)]),
 }
 # Backward column pass: BLOCK_N stationary columns, BLOCK_M moving anchors; the anchors' statistics lie along
@@ -106,12 +104,11 @@ _COLS = {
     "tf32x3": _cfgs([(64, 32, 8, 2), (64, 32, 8, 1)]),
 }
 # Defaults that differ by fn_mode: "mask" loads and compares labels per tile. The 16-bit column pass's 64x128
-# default spills 20-48 B under "mask" at D = 128 (audit, Triton 3.6 and 3.8); 32x128 does not.
+# default spills under "mask" at D = 128; 32x128 does not.
 _MASK_DEFAULTS = {"cols": {"16bit": _COLS["16bit"][1]}}
 # Defaults for ragged problems (N, Nc, D, a row stride or row_offset not a multiple of 16: Triton cannot prove
 # alignment, so loads are scalar and masked, with one 64-bit address per element): the aligned defaults spill
-# 50-2000 B there (audit, N = 65,535 or D = 100), these do not, except fp32 rows with D % 16 != 0, which spill
-# 30-100 B in every config tried (Triton 3.6 and 3.8; 128x16 is the least).
+# there, these do not, except fp32 rows with D % 16 != 0, which spill in every config tried (128x16 the least).
 _RAGGED_DEFAULTS = {
     "fwd": {"tf32x3": _FWD["tf32x3"][2]},
     "rows": {"16bit": _ROWS["16bit"][5], "tf32x3": _ROWS["tf32x3"][3]},
@@ -156,7 +153,7 @@ def _pruner(stationary: str, moving: str, grad_tile: bool, families: dict, defau
         configs = [c for c in family if c in configs] or list(configs)  # in the family's order: [0] its default
         if _ragged(named_args) and kind in defaults.get("ragged", {}):
             configs = prefer(configs, defaults["ragged"][kind])
-        elif kwargs.get("FN_MODE") == 1:
+        elif kwargs.get("MASK"):
             configs = prefer(configs, defaults.get("mask", {}).get(kind))
         eff = esize * (1.5 if kind == "tf32x3" else 1.0)
         keep = []
@@ -295,7 +292,7 @@ def _fwd_range(
     q, z_ptr, zc_ptr, instc_ptr, protoc_ptr,
     rows, rmask, gi, inst_i, proto_i, inv_tau, log2e,
     Nc, D, stride_zn, stride_zd, stride_zcn, stride_zcd,
-    MASKED: tl.constexpr, FN_MODE: tl.constexpr,
+    MASKED: tl.constexpr, MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     EVEN_D: tl.constexpr,
@@ -309,7 +306,7 @@ def _fwd_range(
         )  # fmt: skip
         # online log-sum-exp over Den(i) of s = c/tau; exp through exp2 of (s − max)·log2(e)
         s = c * inv_tau
-        if FN_MODE == 1:  # Den(i) = A(i) \ F(i)
+        if MASK:  # Den(i) = A(i) \ F(i)
             instc = tl.load(instc_ptr + cols, mask=cmask, other=-3)
             protoc = tl.load(protoc_ptr + cols, mask=cmask, other=-3)
             fneg = (proto_i[:, None] == protoc[None, :]) & (inst_i[:, None] != instc[None, :])
@@ -347,7 +344,7 @@ def _contrastive_fwd_kernel(
     lse_ptr,  # (N,) out
     N, Nc, D, row_offset,
     stride_zn, stride_zd, stride_zcn, stride_zcd,
-    FN_MODE: tl.constexpr,
+    MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     EVEN_D: tl.constexpr,
@@ -381,7 +378,7 @@ def _contrastive_fwd_kernel(
             m, l_sum, t_start, t_end,
             q, z_ptr, zc_ptr, instc_ptr, protoc_ptr, rows, rmask, gi, inst_i, proto_i, inv_tau, log2e,
             Nc, D, stride_zn, stride_zd, stride_zcn, stride_zcd,
-            which >= 2, FN_MODE, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, EVEN_D,
+            which >= 2, MASK, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, EVEN_D,
         )  # fmt: skip
     tl.store(lse_ptr + rows, m + tl.log2(l_sum) * ln2, mask=rmask)  # l_sum = 0 (Den empty): -inf
 
@@ -415,12 +412,12 @@ def _acc_dot(acc, g, x, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, G_FP32: 
 
 @triton.jit
 def _softmax_grad(c, gl, lse, inv_tau, log2e, inst_a, inst_b, proto_a, proto_b, diag, bounds,
-                  MASKED: tl.constexpr, FN_MODE: tl.constexpr):  # fmt: skip
+                  MASKED: tl.constexpr, MASK: tl.constexpr):  # fmt: skip
     """[j∈Den(i)]·gl_i/tau·exp(c/tau − lse_i) for one tile, c/tau rounded as in the forward; every argument
     arrives broadcast to the tile's orientation (anchors on axis 0 in the row pass, on axis 1 in the column
     pass); diag: g_i == j, bounds: the moving index is in range."""
     g = gl * tl.exp2((c * inv_tau - lse) * log2e)
-    if FN_MODE == 1:
+    if MASK:
         out = (proto_a == proto_b) & (inst_a != inst_b)
         if MASKED:
             out = out | diag | (~bounds)
@@ -443,7 +440,7 @@ def _bwd_rows_range(
     q, z_ptr, zc_ptr, instc_ptr, protoc_ptr,
     rows, rmask, gi, inst_i, proto_i, gl, lse, inv_tau, log2e,
     Nc, D, d_out0, stride_zn, stride_zd, stride_zcn, stride_zcd,
-    MASKED: tl.constexpr, FN_MODE: tl.constexpr,
+    MASKED: tl.constexpr, MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     G_FP32: tl.constexpr, EVEN_D: tl.constexpr,
@@ -455,7 +452,7 @@ def _bwd_rows_range(
             q, z_ptr, zc_ptr, rows, rmask, cols, cmask, D, d_out0, stride_zn, stride_zd, stride_zcn, stride_zcd,
             BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, not MASKED, EVEN_D,
         )  # fmt: skip
-        if FN_MODE == 1:
+        if MASK:
             instc = tl.load(instc_ptr + cols, mask=cmask, other=-3)
             protoc = tl.load(protoc_ptr + cols, mask=cmask, other=-3)
         else:
@@ -463,7 +460,7 @@ def _bwd_rows_range(
             protoc = cols
         g = _softmax_grad(
             c, gl[:, None], lse[:, None], inv_tau, log2e, inst_i[:, None], instc[None, :], proto_i[:, None],
-            protoc[None, :], gi[:, None] == cols[None, :], cmask[None, :], MASKED, FN_MODE,
+            protoc[None, :], gi[:, None] == cols[None, :], cmask[None, :], MASKED, MASK,
         )  # fmt: skip
         acc = _acc_dot(acc, g, k, DOT_PRECISION, ACC, G_FP32)
     return acc
@@ -478,7 +475,7 @@ def _contrastive_bwd_rows_kernel(
     dz_ptr,  # (N, D) out, input dtype
     N, Nc, D, row_offset,
     stride_zn, stride_zd, stride_zcn, stride_zcd, stride_dzn, stride_dzd,
-    FN_MODE: tl.constexpr,
+    MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     G_FP32: tl.constexpr, EVEN_D: tl.constexpr,
@@ -513,7 +510,7 @@ def _contrastive_bwd_rows_kernel(
             acc, t_start, t_end, q, z_ptr, zc_ptr, instc_ptr, protoc_ptr,
             rows, rmask, gi, inst_i, proto_i, gl, lse, inv_tau, log2e,
             Nc, D, d_out0, stride_zn, stride_zd, stride_zcn, stride_zcd,
-            which >= 2, FN_MODE, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
+            which >= 2, MASK, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
         )  # fmt: skip
 
     d = d_out0 + offs_d
@@ -528,7 +525,7 @@ def _bwd_cols_range(
     q, z_ptr, zc_ptr, inst_ptr, proto_ptr, grad_lse_ptr, lse_ptr,
     cols, cmask, instc, protoc, inv_tau, log2e,
     N, D, d_out0, row_offset, stride_zn, stride_zd, stride_zcn, stride_zcd,
-    MASKED: tl.constexpr, FN_MODE: tl.constexpr,
+    MASKED: tl.constexpr, MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     G_FP32: tl.constexpr, EVEN_D: tl.constexpr,
@@ -537,7 +534,7 @@ def _bwd_cols_range(
         rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
         gl, lse = _load_anchor(grad_lse_ptr, lse_ptr, rows, rmask, inv_tau)
-        if FN_MODE == 1:
+        if MASK:
             inst_i = tl.load(inst_ptr + rows, mask=rmask, other=-1)
             proto_i = tl.load(proto_ptr + rows, mask=rmask, other=-1)
             proto_i = tl.where(proto_i >= 0, proto_i, -2)
@@ -551,7 +548,7 @@ def _bwd_cols_range(
         )  # fmt: skip
         gt = _softmax_grad(
             ct, gl[None, :], lse[None, :], inv_tau, log2e, inst_i[None, :], instc[:, None], proto_i[None, :],
-            protoc[:, None], (row_offset + rows)[None, :] == cols[:, None], rmask[None, :], MASKED, FN_MODE,
+            protoc[:, None], (row_offset + rows)[None, :] == cols[:, None], rmask[None, :], MASKED, MASK,
         )  # fmt: skip
         acc = _acc_dot(acc, gt, zi, DOT_PRECISION, ACC, G_FP32)
     return acc
@@ -566,7 +563,7 @@ def _contrastive_bwd_cols_kernel(
     dzc_ptr,  # (Nc, D) out, input dtype
     N, Nc, D, row_offset,
     stride_zn, stride_zd, stride_zcn, stride_zcd, stride_dzn, stride_dzd,
-    FN_MODE: tl.constexpr,
+    MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     G_FP32: tl.constexpr, EVEN_D: tl.constexpr,
@@ -599,7 +596,7 @@ def _contrastive_bwd_cols_kernel(
             acc, t_start, t_end, q, z_ptr, zc_ptr, inst_ptr, proto_ptr, grad_lse_ptr, lse_ptr,
             cols, cmask, instc, protoc, inv_tau, log2e,
             N, D, d_out0, row_offset, stride_zn, stride_zd, stride_zcn, stride_zcd,
-            which >= 2, FN_MODE, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
+            which >= 2, MASK, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
         )  # fmt: skip
 
     d = d_out0 + offs_d
@@ -691,9 +688,7 @@ def _stats_and_grads(z, zc, codes, row_offset, grad_stats=None):
 # ----------------------------------------------------------------------------------------- launchers
 
 
-def _common(z: torch.Tensor, tau: float, fn_mode: str):
-    if fn_mode not in FN_MODES:
-        raise ValueError(f"contrastive: fn_mode must be one of {sorted(FN_MODES)}, got {fn_mode!r}")
+def _common(z: torch.Tensor, tau: float, mask: bool):
     d = z.size(1)
     tf32x3 = z.dtype == torch.float32 and FP32_DOT_PRECISION == "tf32x3"
     single_bytes = _D_SINGLE_BYTES_TF32X3 if tf32x3 else _D_SINGLE_BYTES
@@ -704,7 +699,7 @@ def _common(z: torch.Tensor, tau: float, fn_mode: str):
         bd = min(128, row_bytes)
     consts = scalars([1.0 / tau, LN_2, LOG2_E], z.dtype, z.device)
     meta = dict(
-        FN_MODE=FN_MODES[fn_mode],
+        MASK=bool(mask),
         BLOCK_D=bd,
         D_SINGLE=d_single,
         UPCAST=upcast(z.dtype),
@@ -724,14 +719,14 @@ def alloc_bwd(z: torch.Tensor, zc: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return z.new_empty(z.shape), zc.new_empty(zc.shape)
 
 
-def contrastive_fwd(z, zc, inst, instc, proto, protoc, row_offset: int, tau: float, fn_mode: str):
+def contrastive_fwd(z, zc, inst, instc, proto, protoc, row_offset: int, tau: float, mask: bool):
     """(lse (N,), stats (N, 5)) in fp32 (fp64 for fp64 z); see the module docstring."""
     lse, _ = alloc_fwd(z)
     n, d = z.shape
     nc = zc.size(0)
     if n == 0 or nc == 0:
         return lse.fill_(float("-inf")), z.new_zeros(n, 5, dtype=acc_dtype(z.dtype))
-    consts, meta, _ = _common(z, tau, fn_mode)
+    consts, meta, _ = _common(z, tau, mask)
     codes = _codes(inst, instc, proto, protoc)
     launch(
         _contrastive_fwd_kernel,
@@ -745,14 +740,14 @@ def contrastive_fwd(z, zc, inst, instc, proto, protoc, row_offset: int, tau: flo
 
 
 def contrastive_bwd(grad_lse, grad_stats, z, zc, inst, instc, proto, protoc, lse, row_offset: int, tau: float,
-                    fn_mode: str):  # fmt: skip
+                    mask: bool):  # fmt: skip
     """(dz (N, D), dzc (Nc, D)) in the input dtype: two recomputing passes, no atomics in the kernels."""
     dz, dzc = alloc_bwd(z, zc)
     n, d = z.shape
     nc = zc.size(0)
     if n == 0 or nc == 0:
         return dz.zero_(), dzc.zero_()
-    consts, meta, n_dout = _common(z, tau, fn_mode)
+    consts, meta, n_dout = _common(z, tau, mask)
     acc = acc_dtype(z.dtype)
     codes = _codes(inst, instc, proto, protoc)
     extra_z, extra_zc = _stats_and_grads(z, zc, codes, row_offset, grad_stats)

@@ -19,13 +19,13 @@ segment a strip's row side stays in registers; it is written once at the segment
 - Backward: M_ij = G_ij + G_ji (G as in contrastive.py, the log-sum-exp part; the statistics' part comes
   from the segment sums): the row side M·z_J accumulates in registers, the column side M^T·z_I is added to
   an fp32 (N, D) buffer with `tl.atomic_add`, as is each segment's row side at its end. Why atomics and not
-  per-tile partial buffers + a reduction: the column side is a (BLOCK, D) tile per tile pair, N²·D/BLOCK
-  values (N = 65,536, D = 128, BLOCK = 64: 8.6e9, 34 GB fp32), far beyond memory, while atomics need O(N·D).
-  The cost: N²·D/(2·BLOCK) fp32 atomic adds (~2·1e9 at that size, the count flash-attention-2's dQ issues),
-  and the summation order varies from run to run: dz is reproducible to fp32 rounding, not bitwise (the
-  GPU test at N = 16,384 asserts run-to-run agreement within 1e-5, the bound the atomic segment sums of the
-  statistics already need). The general kernels (two passes, no atomics) stay the default until a GPU
-  measures both (bench/kernels.py provider `triton-sym`).
+  per-tile partial buffers + a reduction: the column sides are a (BLOCK, D) tile per tile pair, N²·D/(2·BLOCK)
+  values (N = 65,536, D = 128, BLOCK = 64: 4.3e9, 17 GB fp32), far beyond memory, while atomics need O(N·D).
+  The cost: as many fp32 atomic adds (as flash-attention-2's dQ issues for one head of that length; the
+  general kernels avoid them by recomputing c in a second pass), and a summation order that varies from run
+  to run: dz is reproducible to fp32 rounding, not bitwise (the GPU test at N = 16,384 asserts run-to-run
+  agreement within 1e-5, the bound the atomic segment sums of the statistics already need). The general
+  kernels stay the default until a GPU measures both (bench/kernels.py provider `triton-sym`).
 
 Selected by `selected()`: PROTOCLR_TRITON_SYMMETRIC=1 and the symmetric form. The DDP split (rows local,
 columns gathered, row_offset > 0) always takes the general kernels.
@@ -49,27 +49,32 @@ def _cfgs(rows) -> list:
     return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s) for b, w, s in rows]
 
 
-# Square tiles (the diagonal of a tile is the diagonal of c). Candidates only, not audited for spills
-# (bench/sm90_resources.py covers the general kernels): the autotuner picks among them on a GPU.
+# Square tiles (the diagonal of a tile is the diagonal of c); [0] of each family is the default (no tuning).
+# Defaults chosen to compile without register spills for sm_90 at D = 128 in every fn_mode (bench/sm90_resources.py
+# machinery; not yet in its audit list); the others are autotuning candidates.
 _FWD = {
-    "16bit": _cfgs([(128, 8, 3), (64, 4, 3), (128, 8, 2), (64, 4, 2)]),
-    "tf32x3": _cfgs([(64, 4, 1), (32, 4, 2), (64, 8, 1)]),
+    "16bit": _cfgs([(64, 4, 3), (64, 4, 2), (128, 8, 2), (128, 8, 3)]),
+    "tf32x3": _cfgs([(64, 4, 1), (64, 8, 1)]),
 }
-# backward: two (BLOCK, BLOCK_D) fp32 tiles (row accumulator, column side) besides the c/G tiles
+# backward: two (BLOCK, BLOCK_D) fp32 tiles (row accumulator, column side) besides the c and G tiles; tf32x3's
+# operand splits leave room for 16-row tiles only
 _BWD = {
-    "16bit": _cfgs([(64, 8, 2), (64, 4, 2), (128, 8, 2), (32, 4, 2)]),
-    "tf32x3": _cfgs([(32, 4, 1), (64, 8, 1), (32, 4, 2)]),
+    "16bit": _cfgs([(64, 8, 2), (64, 4, 2), (128, 8, 2), (32, 8, 2)]),
+    "tf32x3": _cfgs([(16, 4, 1), (32, 8, 2), (32, 8, 1)]),
 }
+# ragged problems (see contrastive._RAGGED_DEFAULTS): scalar masked loads; 64-row backward tiles spill there
+_BWD_RAGGED = {"16bit": _BWD["16bit"][3]}
 _FWD_CONFIGS, _BWD_CONFIGS = (f["16bit"] + [c for c in f["tf32x3"] if c not in f["16bit"]] for f in (_FWD, _BWD))
 _SAFE_CONFIG = triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1)
-_MIN_FWD_BLOCK = 64  # the forward's slot buffer is sized for it (every forward config has BLOCK >= 64)
+# the forward's slot buffer is sized for the smallest BLOCK a launch may take
+_MIN_FWD_BLOCK = min(c.kwargs["BLOCK"] for c in (*_FWD_CONFIGS, _SAFE_CONFIG))
 _INTERP = {"BLOCK": 64}
 _LSE_MERGE_ROWS = 256  # rows per program of the merge kernel
 
 
-def _prune(grad_tile: bool, families: dict):
+def _prune(grad_tile: bool, families: dict, defaults: dict):
     """contrastive.py's shared-memory prune on square tiles, with a square fallback config."""
-    prune = _c._pruner("BLOCK", "BLOCK", grad_tile, families, {})
+    prune = _c._pruner("BLOCK", "BLOCK", grad_tile, families, defaults)
 
     def run(configs, named_args, **kwargs):
         kept = prune(configs, named_args, **kwargs)
@@ -78,8 +83,8 @@ def _prune(grad_tile: bool, families: dict):
     return run
 
 
-_prune_fwd = _prune(False, _FWD)
-_prune_bwd = _prune(True, _BWD)
+_prune_fwd = _prune(False, _FWD, {})
+_prune_bwd = _prune(True, _BWD, {"ragged": _BWD_RAGGED})
 
 
 def _work(args) -> int:
@@ -170,11 +175,11 @@ def _fneg(inst_i, instc, proto_i, protoc):
 
 @triton.jit
 def _masked_logits(c, inv_tau, rows, cols, inst_i, instc, proto_i, protoc, N,
-                   MASKED: tl.constexpr, FN_MODE: tl.constexpr):  # fmt: skip
+                   MASKED: tl.constexpr, MASK: tl.constexpr):  # fmt: skip
     """s = c/tau with -inf outside Den (the same set from both sides); MASKED: the tile meets the diagonal or
     the ragged end."""
     s = c * inv_tau
-    if FN_MODE == 1:
+    if MASK:
         out = _fneg(inst_i, instc, proto_i, protoc)
         if MASKED:
             out = out | (rows[:, None] == cols[None, :]) | (cols[None, :] >= N)
@@ -218,7 +223,7 @@ def _fwd_tile(
     m, l_sum, q, z_ptr, inst_ptr, proto_ptr, pmax_ptr, psum_ptr,
     rows, inst_i, proto_i, i, j, j0, inv_tau, log2e,
     N, D, stride_zn, stride_zd,
-    MASKED: tl.constexpr, FN_MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):  # fmt: skip
@@ -230,11 +235,11 @@ def _fwd_tile(
         q, z_ptr, z_ptr, rows, rows < N, cols, cmask, D, 0, stride_zn, stride_zd, stride_zn, stride_zd,
         BLOCK, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, not MASKED, EVEN_D,
     )  # fmt: skip
-    if FN_MODE == 1:
+    if MASK:
         instc, _proto_j, protoc = _load_labels(inst_ptr, proto_ptr, cols, cmask)
     else:
         instc, protoc = cols, cols
-    s = _masked_logits(c, inv_tau, rows, cols, inst_i, instc, proto_i, protoc, N, MASKED, FN_MODE)
+    s = _masked_logits(c, inv_tau, rows, cols, inst_i, instc, proto_i, protoc, N, MASKED, MASK)
     m, l_sum = _lse_merge(m, l_sum, tl.max(s, 1), tl.zeros_like(l_sum), log2e)
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     l_sum += tl.sum(tl.exp2((s - m_ref[:, None]) * log2e), 1)
@@ -253,7 +258,7 @@ def _fwd_tile(
 def _fwd_strip(
     i, j0, j1, z_ptr, inst_ptr, proto_ptr, pmax_ptr, psum_ptr, inv_tau, log2e,
     N, D, stride_zn, stride_zd,
-    FN_MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):  # fmt: skip
@@ -269,7 +274,7 @@ def _fwd_strip(
             q, z_ptr, z_ptr, rows, rmask, rows, rmask, D, 0, stride_zn, stride_zd, stride_zn, stride_zd,
             BLOCK, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, False, EVEN_D,
         )  # fmt: skip
-        s = _masked_logits(c, inv_tau, rows, rows, inst_i, inst_i, proto_i, protoc_i, N, True, FN_MODE)
+        s = _masked_logits(c, inv_tau, rows, rows, inst_i, inst_i, proto_i, protoc_i, N, True, MASK)
         m = tl.max(s, 1)
         m_ref = tl.where(m == float("-inf"), 0.0, m)
         l_sum = tl.sum(tl.exp2((s - m_ref[:, None]) * log2e), 1)
@@ -278,13 +283,13 @@ def _fwd_strip(
         m, l_sum = _fwd_tile(
             m, l_sum, q, z_ptr, inst_ptr, proto_ptr, pmax_ptr, psum_ptr, rows, inst_i, proto_i, i, j, j0,
             inv_tau, log2e, N, D, stride_zn, stride_zd,
-            False, FN_MODE, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, EVEN_D,
+            False, MASK, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, EVEN_D,
         )  # fmt: skip
     for j in range(tl.maximum(tl.maximum(j0, i + 1), n_full), j1):  # the ragged last block
         m, l_sum = _fwd_tile(
             m, l_sum, q, z_ptr, inst_ptr, proto_ptr, pmax_ptr, psum_ptr, rows, inst_i, proto_i, i, j, j0,
             inv_tau, log2e, N, D, stride_zn, stride_zd,
-            True, FN_MODE, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, EVEN_D,
+            True, MASK, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, EVEN_D,
         )  # fmt: skip
     tl.store(pmax_ptr + j0 * N + rows, m, mask=rmask)
     tl.store(psum_ptr + j0 * N + rows, l_sum, mask=rmask)
@@ -299,7 +304,7 @@ def _contrastive_sym_fwd_kernel(
     pmax_ptr, psum_ptr,  # (>= nb, N) ACC out: slot partials (module docstring)
     nb_ptr,  # (1,) int32 out: nb, the slot count of this BLOCK, for the merge kernel
     N, D, PROGRAMS, stride_zn, stride_zd,
-    FN_MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):  # fmt: skip
@@ -314,7 +319,7 @@ def _contrastive_sym_fwd_kernel(
             _fwd_strip(
                 i, j0, j1, z_ptr, inst_ptr, proto_ptr, pmax_ptr, psum_ptr, inv_tau, log2e,
                 N, D, stride_zn, stride_zd,
-                FN_MODE, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, EVEN_D,
+                MASK, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, EVEN_D,
             )  # fmt: skip
 
 
@@ -348,7 +353,7 @@ def _bwd_tile(
     acc, q, qo, z_ptr, inst_ptr, proto_ptr, grad_lse_ptr, lse_ptr, dz_ptr,
     rows, inst_i, proto_i, gl, lse, j, inv_tau, log2e,
     N, D, d_out0, stride_zn, stride_zd,
-    MASKED: tl.constexpr, FN_MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     G_FP32: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
@@ -359,7 +364,7 @@ def _bwd_tile(
         q, z_ptr, z_ptr, rows, rows < N, cols, cmask, D, d_out0, stride_zn, stride_zd, stride_zn, stride_zd,
         BLOCK, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, not MASKED, EVEN_D,
     )  # fmt: skip
-    if FN_MODE == 1:
+    if MASK:
         instc, proto_j, protoc = _load_labels(inst_ptr, proto_ptr, cols, cmask)
     else:
         instc, proto_j, protoc = cols, cols, cols
@@ -368,11 +373,11 @@ def _bwd_tile(
     bounds = cmask[None, :]
     g = _c._softmax_grad(
         c, gl[:, None], lse[:, None], inv_tau, log2e, inst_i[:, None], instc[None, :], proto_i[:, None],
-        protoc[None, :], diag, bounds, MASKED, FN_MODE,
+        protoc[None, :], diag, bounds, MASKED, MASK,
     )  # fmt: skip
     g += _c._softmax_grad(
         c, glc[None, :], lsec[None, :], inv_tau, log2e, instc[None, :], inst_i[:, None], proto_j[None, :],
-        tl.where(proto_i >= 0, proto_i, -1)[:, None], diag, bounds, MASKED, FN_MODE,
+        tl.where(proto_i >= 0, proto_i, -1)[:, None], diag, bounds, MASKED, MASK,
     )  # fmt: skip
     acc = _c._acc_dot(acc, g, k, DOT_PRECISION, ACC, G_FP32)
     col = _c._acc_dot(tl.zeros([BLOCK, BLOCK_D], ACC), tl.trans(g), qo, DOT_PRECISION, ACC, G_FP32)
@@ -385,7 +390,7 @@ def _bwd_tile(
 def _bwd_strip(
     i, j0, j1, z_ptr, inst_ptr, proto_ptr, grad_lse_ptr, lse_ptr, dz_ptr, inv_tau, log2e,
     N, D, d_out0, stride_zn, stride_zd,
-    FN_MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     G_FP32: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
@@ -408,7 +413,7 @@ def _bwd_strip(
         g = _c._softmax_grad(
             c, gl[:, None], lse[:, None], inv_tau, log2e, inst_i[:, None], inst_i[None, :], proto_i[:, None],
             protoc_i[None, :], rows[:, None] == rows[None, :], rmask[None, :],
-            True, FN_MODE,
+            True, MASK,
         )  # fmt: skip
         acc = _c._acc_dot(acc, g + tl.trans(g), k, DOT_PRECISION, ACC, G_FP32)
     n_full = N // BLOCK
@@ -416,13 +421,13 @@ def _bwd_strip(
         acc = _bwd_tile(
             acc, q, qo, z_ptr, inst_ptr, proto_ptr, grad_lse_ptr, lse_ptr, dz_ptr, rows, inst_i, proto_i, gl, lse,
             j, inv_tau, log2e, N, D, d_out0, stride_zn, stride_zd,
-            False, FN_MODE, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
+            False, MASK, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
         )  # fmt: skip
     for j in range(tl.maximum(tl.maximum(j0, i + 1), n_full), j1):
         acc = _bwd_tile(
             acc, q, qo, z_ptr, inst_ptr, proto_ptr, grad_lse_ptr, lse_ptr, dz_ptr, rows, inst_i, proto_i, gl, lse,
             j, inv_tau, log2e, N, D, d_out0, stride_zn, stride_zd,
-            True, FN_MODE, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
+            True, MASK, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
         )  # fmt: skip
     d = d_out0 + tl.arange(0, BLOCK_D)
     tl.atomic_add(dz_ptr + rows[:, None] * D + d[None, :], acc, mask=rmask[:, None] & (d < D)[None, :], sem="relaxed")
@@ -435,7 +440,7 @@ def _contrastive_sym_bwd_kernel(
     z_ptr, inst_ptr, proto_ptr, consts_ptr,
     dz_ptr,  # (N, D) ACC contiguous, zero-initialised: M·z, accumulated atomically
     N, D, PROGRAMS, stride_zn, stride_zd,
-    FN_MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     G_FP32: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
@@ -449,20 +454,20 @@ def _contrastive_sym_bwd_kernel(
             _bwd_strip(
                 i, j0, j1, z_ptr, inst_ptr, proto_ptr, grad_lse_ptr, lse_ptr, dz_ptr, inv_tau, log2e,
                 N, D, d_out0, stride_zn, stride_zd,
-                FN_MODE, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
+                MASK, BLOCK, BLOCK_D, D_SINGLE, UPCAST, DOT_PRECISION, ACC, G_FP32, EVEN_D,
             )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- launchers
 
 
-def contrastive_fwd(z, zc, inst, instc, proto, protoc, row_offset: int, tau: float, fn_mode: str):
+def contrastive_fwd(z, zc, inst, instc, proto, protoc, row_offset: int, tau: float, mask: bool):
     """`contrastive.contrastive_fwd` for the symmetric form (`symmetric_form`), same outputs."""
     lse, _ = _c.alloc_fwd(z)
     n, d = z.shape
     if n == 0:
         return lse, z.new_zeros(0, 5, dtype=acc_dtype(z.dtype))
-    consts, meta, _ = _c._common(z, tau, fn_mode)
+    consts, meta, _ = _c._common(z, tau, mask)
     codes = _c._codes(inst, instc, proto, protoc)
     programs = _programs(z.device)
     slots = triton.cdiv(n, _MIN_FWD_BLOCK)
@@ -481,12 +486,12 @@ def contrastive_fwd(z, zc, inst, instc, proto, protoc, row_offset: int, tau: flo
 
 
 def contrastive_bwd(grad_lse, grad_stats, z, zc, inst, instc, proto, protoc, lse, row_offset: int, tau: float,
-                    fn_mode: str):  # fmt: skip
+                    mask: bool):  # fmt: skip
     """(dz, dzc) for the symmetric form: the whole gradient w.r.t. z in dz, zeros in dzc (csrc/ops.cpp)."""
     n, d = z.shape
     if n == 0:
         return z.new_zeros(z.shape), zc.new_zeros(zc.shape)
-    consts, meta, n_dout = _c._common(z, tau, fn_mode)
+    consts, meta, n_dout = _c._common(z, tau, mask)
     acc = acc_dtype(z.dtype)
     codes = _c._codes(inst, instc, proto, protoc)
     dz = z.new_zeros(z.shape, dtype=acc)

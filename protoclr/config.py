@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 
 from .data.augment import AugmentConfig
+from .ops import BACKENDS
+from .ops.checks import FN_MODES
 
 __all__ = [
     "ClusterConfig",
@@ -233,12 +235,12 @@ class Config:
             "data.dataset": BUILTIN_DATASETS,
             "model.arch": tuple(ARCHS),
             "model.stem": ("auto", "cifar", "imagenet"),
-            "loss.fn_mode": ("none", "mask", "attract"),
+            "loss.fn_mode": FN_MODES,
             "loss.proto_init": ("random", "zero"),
             "loss.pairs": ("dense", "paper"),
             "cluster.source": ("kmeans", "labels"),
             "cluster.features": ("pass", "bank"),
-            "loss.backend": ("auto", "reference", "cpu", "cuda", "triton"),
+            "loss.backend": ("auto", *BACKENDS),
             "optim.name": ("lars", "sgd"),
             "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),
         }

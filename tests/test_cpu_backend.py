@@ -9,9 +9,8 @@ import torch
 
 from protoclr import ops
 from protoclr.ops import backend_ext, backend_reference
+from protoclr.ops.checks import FN_MODES as MODES
 from tests.helpers import make_batch, make_batch_n, rel_err
-
-MODES = ("none", "mask", "attract")
 
 pytestmark = pytest.mark.skipif(backend_ext.available(torch.device("cpu")) is not None, reason="protoclr._C not built")
 

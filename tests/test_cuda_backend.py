@@ -24,6 +24,7 @@ import torch
 
 from protoclr import ops
 from protoclr.ops import backend_reference as ref
+from protoclr.ops.checks import FN_MODES as MODES
 from tests.conftest import HAS_CUDA
 from tests.helpers import make_batch_n, rel_err
 
@@ -132,7 +133,6 @@ def test_contrastive_kernels_use_tensor_cores():
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 _DEV = torch.device("cuda")
-MODES = ("none", "mask", "attract")
 
 
 def _ref_contrastive_chunked(z, inst, proto, tau, fn_mode, grad_lse, grad_stats, chunk=2048):

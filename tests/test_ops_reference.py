@@ -9,11 +9,9 @@ import torch.nn.functional as F
 
 from protoclr import ops
 from protoclr.ops import checks
+from protoclr.ops.checks import FN_MODES as MODES
 from protoclr.ops.checks import TAU_RANGE
 from tests.helpers import make_batch, rel_err
-
-MODES = ("none", "mask", "attract")
-
 
 # ----------------------------------------------------------------------------------------- brute force
 
