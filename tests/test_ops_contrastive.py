@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from protoclr import ops
+from protoclr.ops.checks import FN_MODES as MODES
 from protoclr.ops.checks import TAU_RANGE
 from tests.conftest import backend_cases
 from tests.helpers import interpreting_triton, make_batch, make_batch_n, rel_err, split_case_id, tolerance
-
-MODES = ("none", "mask", "attract")
 
 
 def _loss_and_grad(b, backend, fn_mode, tau=0.3, dtype=None, device=None, scale=1.0):
