@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import math
 import os
 
 import numpy as np
@@ -272,6 +274,72 @@ def test_m_step_statistics(dtype):
         )
         assert torch.equal(buf[k * d : -1], torch.bincount(idx, minlength=k).double())
         assert buf[-1] == sumsq
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kmeans_step_is_assign_plus_the_m_step_sums(dtype):
+    """The fused CPU op: assign's idx and score (ties included, over several row and prototype tiles) and float64
+    sums and counts of the rows per cluster, for any thread count."""
+    g = torch.Generator().manual_seed(0)
+    m, k, d = 1100, 700, 37  # 5 row blocks of 256, 2 prototype blocks of 512
+    x = ((torch.randn(m, d, generator=g) * 2).round() / 2).to(dtype)  # coarse values: many exact ties
+    c = ((torch.randn(k, d, generator=g) * 2).round() / 2).to(dtype)
+    c[600] = c[3]  # a duplicate in the second prototype block: never chosen (lowest k on ties)
+    bias = -0.5 * c.pow(2).sum(1)
+    ref_idx, ref_score = torch.ops.protoclr.assign(x, c, bias)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            idx, score, sums, counts = torch.ops.protoclr.kmeans_step(x, c, bias)
+            assert torch.equal(idx, ref_idx) and torch.equal(score, ref_score)
+            exact = torch.zeros(k, d, dtype=torch.float64).index_add_(0, idx, x.double())
+            torch.testing.assert_close(sums, exact, rtol=1e-12, atol=1e-12)
+            assert torch.equal(counts, torch.bincount(idx, minlength=k))
+    finally:
+        torch.set_num_threads(threads)
+    assert not (ref_idx == 600).any() and torch.equal(ref_idx, cluster.kmeans(x, k, iters=0, init=c)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kmeans_fused_cpu_step_equals_assign_then_m_step(dtype):
+    """backend cpu (E- and M-step in one pass) and backend reference (ops.assign, then _m_stats) run the same
+    Lloyd iterations, empty-cluster splits included; non-finite rows take the unfused path."""
+    x, _ = _blobs(n_per=80, centers=5, dim=6, spread=0.5)
+    x = x.to(dtype)
+    init = torch.cat([x[:3], torch.full((2, 6), 50.0, dtype=dtype)])  # two centroids empty after the first E-step
+    c1, a1, i1 = cluster.kmeans(x, 5, iters=8, init=init, backend="cpu")
+    c2, a2, i2 = cluster.kmeans(x, 5, iters=8, init=init, backend="reference")
+    assert torch.equal(a1, a2) and cluster.cluster_stats(a1, 5)["empty"] == 0
+    torch.testing.assert_close(c1, c2, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    assert i1 == pytest.approx(i2, rel=1e-12 if dtype == torch.float64 else 1e-6)
+    x[7, 2] = float("nan")
+    c1, a1, i1 = cluster.kmeans(x, 5, iters=2, init=init, backend="cpu")
+    c2, a2, i2 = cluster.kmeans(x, 5, iters=2, init=init, backend="reference")
+    assert torch.equal(a1, a2) and torch.equal(c1.isnan(), c2.isnan()) and math.isnan(i1) == math.isnan(i2)
+
+
+def test_kmeans_progress_bar_counts_iterations(monkeypatch):
+    """The bar advances once per Lloyd iteration and every frame that shows an iteration's inertia counts it."""
+    tqdm_auto = pytest.importorskip("tqdm.auto")
+    frames = []
+
+    class Recorder(tqdm_auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": io.StringIO(), "mininterval": 0})
+
+        def display(self, *args, **kwargs):
+            frames.append((self.n, self.total, self.postfix))
+            return super().display(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm_auto, "tqdm", Recorder)
+    x, _ = _blobs(n_per=20, centers=3, dim=4)
+    cluster.kmeans(x, 3, iters=5, progress=True)
+    print(frames)
+    assert frames and all(total == 5 for _, total, _ in frames)
+    counts = [n for n, _, _ in frames]
+    assert counts == sorted(counts) and set(range(1, 6)) <= set(counts) and counts[-1] == 5
+    assert all(n >= 1 for n, _, postfix in frames if postfix), "an inertia was shown before its iteration counted"
 
 
 def test_kmeans_k_equals_n_and_errors():

@@ -7,8 +7,8 @@ from protoclr import ops
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-# (1025, 300, 100) spans several tiles in every dimension: cpu 64 rows x 256 prototypes; Triton's interpreter
-# 64 x 64, with 32 float64 / 64 float32 features per step.
+# (1025, 300, 100) spans several tiles in every dimension: cpu 256 rows (512 prototypes per tile: several in
+# test_ties_take_lowest_index); Triton's interpreter 64 x 64, with 32 float64 / 64 float32 features per step.
 @pytest.mark.parametrize("m,k,d", [(1, 1, 1), (97, 13, 33), (1025, 300, 100)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_parity(backend, dtype, m, k, d, with_bias):

@@ -3,10 +3,10 @@
 // added to its clusters' sums right after its argmax, while it is still in cache, so an iteration reads the
 // rows once.
 //
-// Rows are split into one contiguous part per thread. A part adds its float32 rows into float32 partial sums,
-// folded into the part's float64 sums every max(65536, 4K) rows; the parts' float64 sums are then added in part
-// order. Deterministic for a given thread count; float64 rows are summed in float64 directly.
-// Extra memory per thread: one assign tile, (K, D) float64 sums, (K, D) float32 partials for float32 rows.
+// Rows are split into one contiguous part per thread; a part adds its rows in order into its own float64 sums
+// (float32 rows are widened in registers), and the parts' sums are added in part order: deterministic for a
+// given thread count, and as exact as float64 sums of the rows. Extra memory per thread: one assign tile and
+// (K, D) float64 sums.
 #include "simd.h"  // first: its build settings apply to the loops below
 
 #include "assign_tiles.h"
@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "protoclr/checks.h"
@@ -26,53 +25,39 @@
 namespace protoclr {
 namespace {
 
-constexpr int64_t kFoldRows = 65536;
-
-template <typename S, typename T>
-PROTOCLR_ALWAYS_INLINE inline void add_row(S* dst, const T* src, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) dst[d] += static_cast<S>(src[d]);
-}
-
-PROTOCLR_CPU_CLONES void add_rows_f32(float* sums, const float* x, const int64_t* idx, int64_t nr, int64_t D) {
-  for (int64_t r = 0; r < nr; ++r) add_row(sums + idx[r] * D, x + r * D, D);
-}
-
-PROTOCLR_CPU_CLONES void fold_f32(double* dst, float* partial, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] += static_cast<double>(partial[i]);
-    partial[i] = 0.f;
+template <typename T>
+PROTOCLR_ALWAYS_INLINE inline void add_rows(double* sums, const T* x, const int64_t* idx, int64_t nr, int64_t D) {
+  for (int64_t r = 0; r < nr; ++r) {
+    double* dst = sums + idx[r] * D;
+    const T* src = x + r * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] += static_cast<double>(src[d]);
   }
+}
+
+PROTOCLR_CPU_CLONES void add_rows_f32(double* sums, const float* x, const int64_t* idx, int64_t nr, int64_t D) {
+  add_rows<float>(sums, x, idx, nr, D);
+}
+void add_rows_dispatch(double* sums, const float* x, const int64_t* idx, int64_t nr, int64_t D) {
+  add_rows_f32(sums, x, idx, nr, D);
+}
+void add_rows_dispatch(double* sums, const double* x, const int64_t* idx, int64_t nr, int64_t D) {
+  add_rows<double>(sums, x, idx, nr, D);
 }
 
 template <typename T>
 void kmeans_step_kernel(const T* x, const T* c, const T* bias, int64_t M, int64_t K, int64_t D, int64_t* idx,
                         T* score, double* part_sums, int64_t* part_counts, int64_t parts) {
   const int64_t row_blocks = (M + assign_tiles::kRowBlock - 1) / assign_tiles::kRowBlock;
-  const int64_t fold_rows = std::max(kFoldRows, 4 * K);
   at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
-    std::vector<float> partial(std::is_same_v<T, float> ? K * D : 0, 0.f);
     for (int64_t p = p_begin; p < p_end; ++p) {
       double* sums = part_sums + p * K * D;
       int64_t* counts = part_counts + p * K;
       const int64_t r_begin = std::min(M, (row_blocks * p / parts) * assign_tiles::kRowBlock);
       const int64_t r_end = std::min(M, (row_blocks * (p + 1) / parts) * assign_tiles::kRowBlock);
-      int64_t pending = 0;  // rows in `partial` not yet folded into `sums`
       assign_tiles::assign_rows<T>(x, c, bias, r_begin, r_end, K, D, idx, score, [&](int64_t r0, int64_t nr) {
         for (int64_t r = r0; r < r0 + nr; ++r) ++counts[idx[r]];
-        if constexpr (std::is_same_v<T, float>) {
-          add_rows_f32(partial.data(), x + r0 * D, idx + r0, nr, D);
-          pending += nr;
-          if (pending >= fold_rows) {
-            fold_f32(sums, partial.data(), K * D);
-            pending = 0;
-          }
-        } else {
-          for (int64_t r = r0; r < r0 + nr; ++r) add_row(sums + idx[r] * D, x + r * D, D);
-        }
+        add_rows_dispatch(sums, x + r0 * D, idx + r0, nr, D);
       });
-      if constexpr (std::is_same_v<T, float>) {
-        if (pending) fold_f32(sums, partial.data(), K * D);
-      }
     }
   });
 }
