@@ -346,6 +346,7 @@ def plot(summary: list[dict], split: str, out_dir: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    ax2.set_prop_cycle(color=plt.cm.tab20.colors)  # distinct colours for up to 20 methods
     names = [s["method"] for s in summary]
     x = range(len(names))
     w = 0.38
@@ -365,7 +366,8 @@ def plot(summary: list[dict], split: str, out_dir: Path) -> Path | None:
             continue
         epochs = sorted({e for c in pts for e, _ in c})
         mean = [statistics.fmean(v for c in pts for e2, v in c if e2 == e) for e in epochs]
-        ax2.plot(epochs, mean, marker="o", label=s["method"])
+        style = "--" if " (τ" in s["method"] else "-"  # rows of an earlier preset's temperature
+        ax2.plot(epochs, mean, style, marker="o", label=s["method"])
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("kNN top-1 % (mean over seeds)")
     ax2.set_title("kNN monitor during training")
