@@ -74,6 +74,18 @@ void gemm_rm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K, const 
   }
 }
 
+// out[0, count) += each thread's part (parts + t * stride, for the threads t that ran), in thread order:
+// deterministic for a given thread count.
+template <typename T>
+void add_thread_parts(T* out, int64_t count, const T* parts, int64_t stride, const std::vector<char>& used) {
+  for (size_t t = 0; t < used.size(); ++t) {
+    if (!used[t]) continue;
+    const T* p = parts + t * stride;
+#pragma omp simd
+    for (int64_t e = 0; e < count; ++e) out[e] += p[e];
+  }
+}
+
 // exp for softmax weights. float: Cephes range reduction + degree-6 polynomial (≤ 2 ulp on [-80, 88]),
 // branch-free so it vectorises; arguments below -80 (masked -inf included) give exp(-80) ~ 1.8e-35, which
 // vanishes against a row sum >= 1 and in G, and keeps every result normal (denormals are slow). Arguments
@@ -479,14 +491,8 @@ void contrastive_bwd_kernel(const T* gl, const T* gs, const T* z, const T* zc, L
         gemm_rm<T>(true, false, nc, D, nr, tile, nc, z + r0 * D, D, true, dzc + c0 * D, D);
       }
     });
-    T* out = dz + r0 * D;
-    std::fill(out, out + nr * D, T(0));
-    for (int64_t t = 0; t < threads; ++t) {  // thread order: deterministic for a given thread count
-      if (!used[t]) continue;
-      const T* p = dz_part.data() + t * kBwdRows * D;
-#pragma omp simd
-      for (int64_t e = 0; e < nr * D; ++e) out[e] += p[e];
-    }
+    std::fill(dz + r0 * D, dz + (r0 + nr) * D, T(0));
+    add_thread_parts(dz + r0 * D, nr * D, dz_part.data(), kBwdRows * D, used);
   }
 }
 
@@ -541,24 +547,12 @@ void contrastive_bwd_sym_kernel(const T* gl, const T* gs, const T* z, Labels lab
         }
       }
     });
-    T* out = dz + r0 * D;  // holds the column sides of the tiles (K < I, I)
-    for (int64_t t = 0; t < threads; ++t) {  // thread order: deterministic for a given thread count
-      if (!used[t]) continue;
-      const T* p = dz_part.data_ptr<T>() + t * b * D;
-#pragma omp simd
-      for (int64_t e = 0; e < nr * D; ++e) out[e] += p[e];
-    }
+    // dz's strip already holds the column sides of the tiles (K < I, I)
+    add_thread_parts(dz + r0 * D, nr * D, dz_part.data_ptr<T>(), b * D, used);
   }
 }
 
 // ------------------------------------------------------------------------------------------- host side
-
-void check_inputs(const char* fn, const at::Tensor& z, const at::Tensor& zc, const at::Tensor& inst,
-                  const at::Tensor& instc, const at::Tensor& proto, const at::Tensor& protoc, int64_t row_offset,
-                  double tau) {
-  check_rows_cols(fn, "z", "zc", z, zc, inst, instc, proto, protoc, row_offset);
-  check_tau(fn, tau);
-}
 
 // Rows and columns are one set, so S and every mask are symmetric and the symmetric kernels apply: the
 // single-process form (zc is z itself, same labels, row_offset 0). Not the DDP split (rows local, columns
@@ -588,8 +582,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_fwd_cpu(const at::Tensor& z, cons
                                                        const at::Tensor& proto, const at::Tensor& protoc,
                                                        int64_t row_offset, double tau, c10::string_view fn_mode) {
   constexpr const char* fn = "contrastive_fwd";
-  check_inputs(fn, z, zc, inst, instc, proto, protoc, row_offset, tau);
-  const int mode = parse_fn_mode(fn, fn_mode);
+  const int mode = check_contrastive_inputs(fn, z, zc, inst, instc, proto, protoc, row_offset, tau, fn_mode);
   const auto acc = stat_dtype(z.scalar_type());
   const int64_t N = z.size(0), Nc = zc.size(0), D = z.size(1);
   auto lse = at::empty({N}, z.options().dtype(acc));
@@ -622,12 +615,9 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cpu(const at::Tensor& grad_ls
                                                        const at::Tensor& lse, int64_t row_offset, double tau,
                                                        c10::string_view fn_mode) {
   constexpr const char* fn = "contrastive_bwd";
-  check_inputs(fn, z, zc, inst, instc, proto, protoc, row_offset, tau);
-  const int mode = parse_fn_mode(fn, fn_mode);
+  const int mode = check_contrastive_bwd_inputs(fn, grad_lse, grad_stats, z, zc, inst, instc, proto, protoc, lse,
+                                                row_offset, tau, fn_mode);
   const int64_t N = z.size(0), Nc = zc.size(0), D = z.size(1);
-  check_stat(fn, grad_lse, "grad_lse", {N}, z);
-  check_stat(fn, grad_stats, "grad_stats", {N, 5}, z);
-  check_stat(fn, lse, "lse", {N}, z);
   const auto acc = stat_dtype(z.scalar_type());
   auto [za, zca] = as_acc(z, zc);
   const auto gl = grad_lse.to(acc).contiguous(), gs = grad_stats.to(acc).contiguous();

@@ -39,13 +39,18 @@ cuda::DType device_dtype(const char* fn, const at::Tensor& t, const char* name) 
   return cuda::DType::kFloat;  // unreachable
 }
 
-// check_rows_cols (checks.h) plus what only the CUDA kernels need: a CUDA tensor of a supported dtype.
+// What only the CUDA kernels need beyond checks.h: a CUDA tensor of a supported dtype.
+void check_cuda_rows(const char* fn, const at::Tensor& x, const char* xn) {
+  PROTOCLR_CHECK(fn, x.is_cuda(), xn, " must be a CUDA tensor, got ", x.device());
+  device_dtype(fn, x, xn);
+}
+
+// check_rows_cols (checks.h) plus check_cuda_rows.
 void check_pair_inputs(const char* fn, const char* xn, const char* xcn, const at::Tensor& x, const at::Tensor& xc,
                        const at::Tensor& inst, const at::Tensor& instc, const at::Tensor& proto,
                        const at::Tensor& protoc, int64_t row_offset) {
   check_rows_cols(fn, xn, xcn, x, xc, inst, instc, proto, protoc, row_offset);
-  PROTOCLR_CHECK(fn, x.is_cuda(), xn, " must be a CUDA tensor, got ", x.device());
-  device_dtype(fn, x, xn);
+  check_cuda_rows(fn, x, xn);
 }
 
 // ------------------------------------------------------------------------------------------- assign
@@ -131,9 +136,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_fwd_cuda(const at::Tensor& z, con
                                                         const at::Tensor& proto, const at::Tensor& protoc,
                                                         int64_t row_offset, double tau, c10::string_view fn_mode) {
   constexpr const char* fn = "contrastive_fwd";
-  check_pair_inputs(fn, "z", "zc", z, zc, inst, instc, proto, protoc, row_offset);
-  check_tau(fn, tau);
-  const int mode = parse_fn_mode(fn, fn_mode);
+  const int mode = check_contrastive_inputs(fn, z, zc, inst, instc, proto, protoc, row_offset, tau, fn_mode);
+  check_cuda_rows(fn, z, "z");
   const c10::cuda::CUDAGuard guard(z.device());
   const auto acc = stat_dtype(z.scalar_type());
   const int64_t N = z.size(0), Nc = zc.size(0);
@@ -160,13 +164,10 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cuda(const at::Tensor& grad_l
                                                         const at::Tensor& lse, int64_t row_offset, double tau,
                                                         c10::string_view fn_mode) {
   constexpr const char* fn = "contrastive_bwd";
-  check_pair_inputs(fn, "z", "zc", z, zc, inst, instc, proto, protoc, row_offset);
-  check_tau(fn, tau);
-  const int mode = parse_fn_mode(fn, fn_mode);
+  const int mode = check_contrastive_bwd_inputs(fn, grad_lse, grad_stats, z, zc, inst, instc, proto, protoc, lse,
+                                                row_offset, tau, fn_mode);
+  check_cuda_rows(fn, z, "z");
   const int64_t N = z.size(0), Nc = zc.size(0), D = z.size(1);
-  check_stat(fn, grad_lse, "grad_lse", {N}, z);
-  check_stat(fn, grad_stats, "grad_stats", {N, 5}, z);
-  check_stat(fn, lse, "lse", {N}, z);
   const c10::cuda::CUDAGuard guard(z.device());
   if (N == 0 || Nc == 0) return {at::zeros_like(z), at::zeros_like(zc)};
   const auto acc = stat_dtype(z.scalar_type());

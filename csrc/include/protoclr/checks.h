@@ -115,7 +115,35 @@ inline void check_assign_inputs(const char* fn, const at::Tensor& x, const at::T
 inline int parse_fn_mode(const char* fn, c10::string_view fn_mode) {
   const std::string s(fn_mode.data(), fn_mode.size());
   const int mode = fn_mode_from_string(s.c_str());
-  PROTOCLR_CHECK(fn, mode >= 0, "fn_mode must be 'none', 'mask' or 'attract', got '", s, "'");
+  if (mode < 0) {
+    std::string names;  // 'none', 'mask' or 'attract'
+    for (int m = 0; m < kNumFnModes; ++m)
+      names += std::string(m == 0 ? "'" : m + 1 == kNumFnModes ? " or '" : ", '") + kFnModeNames[m] + "'";
+    PROTOCLR_CHECK(fn, false, "fn_mode must be ", names, ", got '", s, "'");
+  }
+  return mode;
+}
+
+// contrastive_fwd (csrc/ops.cpp): rows z / columns zc with their labels, tau and fn_mode. Returns the fn_mode.
+inline int check_contrastive_inputs(const char* fn, const at::Tensor& z, const at::Tensor& zc, const at::Tensor& inst,
+                                    const at::Tensor& instc, const at::Tensor& proto, const at::Tensor& protoc,
+                                    int64_t row_offset, double tau, c10::string_view fn_mode) {
+  check_rows_cols(fn, "z", "zc", z, zc, inst, instc, proto, protoc, row_offset);
+  check_tau(fn, tau);
+  return parse_fn_mode(fn, fn_mode);
+}
+
+// contrastive_bwd: the forward's inputs plus grad_lse (N,), grad_stats (N, 5) and lse (N,). Returns the fn_mode.
+inline int check_contrastive_bwd_inputs(const char* fn, const at::Tensor& grad_lse, const at::Tensor& grad_stats,
+                                        const at::Tensor& z, const at::Tensor& zc, const at::Tensor& inst,
+                                        const at::Tensor& instc, const at::Tensor& proto, const at::Tensor& protoc,
+                                        const at::Tensor& lse, int64_t row_offset, double tau,
+                                        c10::string_view fn_mode) {
+  const int mode = check_contrastive_inputs(fn, z, zc, inst, instc, proto, protoc, row_offset, tau, fn_mode);
+  const int64_t N = z.size(0);
+  check_stat(fn, grad_lse, "grad_lse", {N}, z);
+  check_stat(fn, grad_stats, "grad_stats", {N, 5}, z);
+  check_stat(fn, lse, "lse", {N}, z);
   return mode;
 }
 

@@ -14,6 +14,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #define PROTOCLR_HOST_DEVICE __host__ __device__
@@ -24,16 +25,15 @@
 
 namespace protoclr {
 
-// fn_mode of SPEC 1.1 as an integer (template parameter in kernels). Parse with fn_mode_from_string (host).
-enum FnMode : int { kFnNone = 0, kFnMask = 1, kFnAttract = 2 };
+// fn_mode of SPEC 1.1 as an integer (template parameter in kernels), and its name: the one C++ definition,
+// in the order of protoclr/ops/checks.py's FN_MODES. Parse with fn_mode_from_string (host).
+enum FnMode : int { kFnNone = 0, kFnMask = 1, kFnAttract = 2, kNumFnModes = 3 };
+constexpr const char* kFnModeNames[kNumFnModes] = {"none", "mask", "attract"};
 
 // -1 for an unknown string; the caller raises the ValueError naming fn_mode.
 inline int fn_mode_from_string(const char* s) {
-  if (s[0] == 'n' && s[1] == 'o' && s[2] == 'n' && s[3] == 'e' && s[4] == '\0') return kFnNone;
-  if (s[0] == 'm' && s[1] == 'a' && s[2] == 's' && s[3] == 'k' && s[4] == '\0') return kFnMask;
-  if (s[0] == 'a' && s[1] == 't' && s[2] == 't' && s[3] == 'r' && s[4] == 'a' && s[5] == 'c' && s[6] == 't' &&
-      s[7] == '\0')
-    return kFnAttract;
+  for (int m = 0; m < kNumFnModes; ++m)
+    if (strcmp(s, kFnModeNames[m]) == 0) return m;
   return -1;
 }
 
