@@ -20,7 +20,7 @@ _CONFIGS = [
 ]
 # Defaults by element size where configs[0] spills (sm_90 audit, bench/sm90_resources.py, Triton 3.6 and 3.8):
 # fp32 (tf32x3 splits both operands in registers) spills 36-88 B at 128x128, fp64 16-32 B; these do not. The
-# fp32 one is k-means' E-step on float32 PCA features (cluster.py), 1.28M × 256 against K = 3000.
+# fp32 one is k-means' E-step on float32 PCA features (protoclr/cluster/lloyd.py), 1.28M × 256 against K = 3000.
 _DEFAULTS = {
     4: triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     8: triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),

@@ -19,26 +19,19 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Tensor& prototypes,
                                               const std::optional<at::Tensor>& bias) {
-  constexpr const char* fn = "assign";
-  check_assign_inputs(fn, x, prototypes, bias);
-  const auto acc_type = stat_dtype(x.scalar_type());
-  const auto xc = x.to(acc_type).contiguous(), cc = prototypes.to(acc_type).contiguous();
-  const int64_t M = x.size(0), K = prototypes.size(0), D = x.size(1);
-  const at::Tensor b = bias.has_value() ? bias->to(acc_type).contiguous() : at::zeros({K}, xc.options());
-  auto idx = at::empty({M}, x.options().dtype(at::kLong));
-  auto score = at::empty({M}, x.options().dtype(acc_type));
-  const int64_t row_blocks = (M + assign_tiles::kRowBlock - 1) / assign_tiles::kRowBlock;
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "assign_cpu", [&] {
-    const scalar_t *xp = xc.data_ptr<scalar_t>(), *cp = cc.data_ptr<scalar_t>(), *bp = b.data_ptr<scalar_t>();
-    int64_t* ip = idx.data_ptr<int64_t>();
-    scalar_t* sp = score.data_ptr<scalar_t>();
-    at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
+  auto p = assign_tiles::prepare("assign", x, prototypes, bias);
+  const int64_t M = p.M, K = p.K, D = p.D;
+  AT_DISPATCH_FLOATING_TYPES(p.acc_type, "assign_cpu", [&] {
+    const scalar_t *xp = p.xc.data_ptr<scalar_t>(), *cp = p.cc.data_ptr<scalar_t>(), *bp = p.b.data_ptr<scalar_t>();
+    int64_t* ip = p.idx.data_ptr<int64_t>();
+    scalar_t* sp = p.score.data_ptr<scalar_t>();
+    at::parallel_for(0, p.row_blocks, 1, [&](int64_t begin, int64_t end) {
       const int64_t r_end = std::min(end * assign_tiles::kRowBlock, M);
       assign_tiles::assign_rows<scalar_t>(xp, cp, bp, begin * assign_tiles::kRowBlock, r_end, K, D, ip, sp,
                                           [](int64_t, int64_t) {});
     });
   });
-  return {idx, score};
+  return {p.idx, p.score};
 }
 
 }  // namespace

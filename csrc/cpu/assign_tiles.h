@@ -12,8 +12,11 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
+
+#include "protoclr/checks.h"
 
 namespace protoclr {
 namespace assign_tiles {
@@ -111,6 +114,29 @@ void assign_rows(const T* x, const T* c, const T* bias, int64_t r_begin, int64_t
     }
     epilogue(r0, nr);
   }
+}
+
+// The checked inputs of one assign pass in the accumulator type, and its outputs (idx, score) allocated: the
+// host side shared by `assign` and `kmeans_step`.
+struct Pass {
+  at::ScalarType acc_type;
+  at::Tensor xc, cc, b, idx, score;
+  int64_t M, K, D, row_blocks;
+};
+
+inline Pass prepare(const char* fn, const at::Tensor& x, const at::Tensor& prototypes,
+                    const std::optional<at::Tensor>& bias) {
+  check_assign_inputs(fn, x, prototypes, bias);
+  Pass p;
+  p.acc_type = stat_dtype(x.scalar_type());
+  p.xc = x.to(p.acc_type).contiguous();
+  p.cc = prototypes.to(p.acc_type).contiguous();
+  p.M = x.size(0), p.K = prototypes.size(0), p.D = x.size(1);
+  p.b = bias.has_value() ? bias->to(p.acc_type).contiguous() : at::zeros({p.K}, p.xc.options());
+  p.idx = at::empty({p.M}, x.options().dtype(at::kLong));
+  p.score = at::empty({p.M}, x.options().dtype(p.acc_type));
+  p.row_blocks = (p.M + kRowBlock - 1) / kRowBlock;
+  return p;
 }
 
 }  // namespace assign_tiles

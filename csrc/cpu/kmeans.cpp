@@ -66,26 +66,19 @@ void kmeans_step_kernel(const T* x, const T* c, const T* bias, int64_t M, int64_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_step_cpu(const at::Tensor& x,
                                                                           const at::Tensor& prototypes,
                                                                           const std::optional<at::Tensor>& bias) {
-  constexpr const char* fn = "kmeans_step";
-  check_assign_inputs(fn, x, prototypes, bias);
-  const auto acc_type = stat_dtype(x.scalar_type());
-  const auto xc = x.to(acc_type).contiguous(), cc = prototypes.to(acc_type).contiguous();
-  const int64_t M = x.size(0), K = prototypes.size(0), D = x.size(1);
-  const at::Tensor b = bias.has_value() ? bias->to(acc_type).contiguous() : at::zeros({K}, xc.options());
-  auto idx = at::empty({M}, x.options().dtype(at::kLong));
-  auto score = at::empty({M}, x.options().dtype(acc_type));
-  const int64_t row_blocks = (M + assign_tiles::kRowBlock - 1) / assign_tiles::kRowBlock;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), row_blocks));
+  auto p = assign_tiles::prepare("kmeans_step", x, prototypes, bias);
+  const int64_t M = p.M, K = p.K, D = p.D;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.row_blocks));
   auto part_sums = at::zeros({parts, K, D}, x.options().dtype(at::kDouble));
   auto part_counts = at::zeros({parts, K}, x.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "kmeans_step_cpu", [&] {
-    kmeans_step_kernel<scalar_t>(xc.data_ptr<scalar_t>(), cc.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), M, K, D,
-                                 idx.data_ptr<int64_t>(), score.data_ptr<scalar_t>(), part_sums.data_ptr<double>(),
-                                 part_counts.data_ptr<int64_t>(), parts);
+  AT_DISPATCH_FLOATING_TYPES(p.acc_type, "kmeans_step_cpu", [&] {
+    kmeans_step_kernel<scalar_t>(p.xc.data_ptr<scalar_t>(), p.cc.data_ptr<scalar_t>(), p.b.data_ptr<scalar_t>(), M,
+                                 K, D, p.idx.data_ptr<int64_t>(), p.score.data_ptr<scalar_t>(),
+                                 part_sums.data_ptr<double>(), part_counts.data_ptr<int64_t>(), parts);
   });
   at::Tensor sums = part_sums[0];
-  for (int64_t p = 1; p < parts; ++p) sums.add_(part_sums[p]);  // in part order: deterministic
-  return {idx, score, sums, part_counts.sum(0)};
+  for (int64_t part = 1; part < parts; ++part) sums.add_(part_sums[part]);  // in part order: deterministic
+  return {p.idx, p.score, sums, part_counts.sum(0)};
 }
 
 }  // namespace
