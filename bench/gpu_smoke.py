@@ -30,13 +30,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from protoclr import ops  # noqa: E402
+from protoclr.ops.checks import FN_MODES  # noqa: E402
 from tests.helpers import make_batch, rel_err  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Relative error allowed against the float64 reference on the same (unrounded) inputs. float32 tolerates
 # TF32-class products on a GPU; 16-bit inputs are rounded before the kernel sees them.
 TOL = {"float64": 1e-9, "float32": 2e-3, "bfloat16": 5e-2, "float16": 2e-2}
-FN_MODES = ("none", "mask", "attract")
 
 
 def _compare(got, want) -> tuple[float, bool]:

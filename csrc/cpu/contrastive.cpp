@@ -22,9 +22,7 @@
 //    AVX2, baseline) and picked at load time; double (tests, gradcheck) uses the same templates.
 // Extra memory: threads × (tile + kBwdRows × D) plus an Nc × D accumulator when zc is not float32/float64; the
 // symmetric forward adds (threads + 1) × N × 48 bytes (float) of per-row states.
-// Measured (2-core Zen 4, 1 thread, N = 4096, D = 128, fp32): fwd ~63 ms, bwd ~160 ms, ~80% of it in BLAS.
-// Symmetric vs general, same process, interleaved, machine at load ~5 (indicative): 1 thread N = 4096 fwd 52
-// vs 88 ms, bwd 114 vs 231 ms; 2 threads N = 8192 fwd 220 vs 402 ms, bwd 695 vs 1372 ms.
+// Speed: bench/results/kernels_cpu.jsonl (`make bench`).
 #include "simd.h"  // first: its build settings apply to everything below
 
 #include <ATen/ATen.h>
