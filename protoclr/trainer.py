@@ -141,17 +141,19 @@ def step_loss(
 def train(cfg: Config) -> dict:
     """Train SPCL with `cfg` (see protoclr/config.py); returns the final summary
     {"top1": kNN top-1 % on the held-out split (None without one), "epochs_done", "step", "out", "checkpoint",
-    "seconds"}. The process group it creates and the torch thread count it sets are undone on return or error.
+    "seconds"}. The process group it creates, the torch thread count and the ops' default backend it sets are
+    undone on return or error.
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint in cfg.out is left intact).
     """
     owns_group = not dist.is_dist()
-    prev_threads = torch.get_num_threads()
+    prev_threads, prev_backend = torch.get_num_threads(), ops.get_default_backend()
     try:
         return _train(cfg)
     finally:
         torch.set_num_threads(prev_threads)
+        ops.set_default_backend(prev_backend)
         if owns_group:
             dist.destroy()
 

@@ -442,9 +442,13 @@ def test_outputs_written(tmp_path, small_digits):
     from protoclr.trainer import train
 
     out = tmp_path / "out"
+    from protoclr import ops
+
     threads = torch.get_num_threads()
-    res = train(small_cfg(out, small_digits, "tensorboard=true", "keep_every=1", "batch_size=40", max_steps=5))
+    extra = ("tensorboard=true", "keep_every=1", "batch_size=40", "loss.backend=reference")
+    res = train(small_cfg(out, small_digits, *extra, max_steps=5))
     assert torch.get_num_threads() == threads  # the run's CPU thread setting is undone
+    assert ops.get_default_backend() == "auto"  # and its loss.backend (a later k-means would take another path)
     assert res["epochs_done"] == 1
     for name in ("config.yaml", "train.log", "metrics.csv", "metrics.jsonl", "checkpoint.pth", "checkpoint0001.pth"):
         assert (out / name).is_file(), name

@@ -19,7 +19,16 @@ import torch
 from .. import dist
 from . import checks
 
-__all__ = ["BACKENDS", "assign", "contrastive_loss", "siamese_loss", "spcl_loss", "resolve", "set_default_backend"]
+__all__ = [
+    "BACKENDS",
+    "assign",
+    "contrastive_loss",
+    "siamese_loss",
+    "spcl_loss",
+    "resolve",
+    "get_default_backend",
+    "set_default_backend",
+]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,11 @@ BACKENDS = {"reference": "backend_reference", "cpu": "backend_ext", "cuda": "bac
 GPU_ORDER = ["triton", "cuda", "reference"]
 _default_backend: str | None = None
 _logged_picks: set[tuple[str, str]] = set()
+
+
+def get_default_backend() -> str:
+    """The backend `backend="auto"` stands for as set by `set_default_backend` ("auto": none set)."""
+    return _default_backend or "auto"
 
 
 def set_default_backend(name: str | None) -> None:
