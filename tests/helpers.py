@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,34 @@ TINY = [
 ]
 # Whole runs inside the test process: no periodic kNN, and the plain-PyTorch loss unless a test picks a backend.
 TINY_IN_PROCESS = [*TINY, "eval.knn_every=0", "loss.backend=reference"]
+
+
+def tiny_cfg(out: Path, *extra: str, **named):
+    """The tiny in-process configuration writing to `out`, with extra key=value overrides and named fields."""
+    from protoclr import config
+
+    return config.resolve(config.DEFAULT_PRESET, {"out": str(out), **named}, TINY_IN_PROCESS + list(extra))
+
+
+def write_digit_images(root: Path, n_per_class: int, corrupt: bool, offset: int = 0) -> None:
+    """An ImageFolder of the bundled digits as 16-px PNG files, `n_per_class` of each of the 10 classes from `offset`
+    on; `corrupt` adds a garbage, a truncated and an empty file."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+        idx = [i for i in range(len(d.target)) if d.target[i] == c][offset : offset + n_per_class]
+        for i in idx:
+            px = (d.images[i] * 255 / 16).astype("uint8")
+            Image.fromarray(px, "L").resize((16, 16)).convert("RGB").save(root / str(c) / f"{i:04d}.png")
+    if corrupt:
+        (root / "3" / "zz_garbage.png").write_bytes(b"this is not an image at all")
+        good = (root / "4").iterdir().__next__().read_bytes()
+        (root / "4" / "zz_truncated.png").write_bytes(good[: len(good) // 2])
+        (root / "5" / "zz_empty.png").write_bytes(b"")
+
 
 # every Triton kernel of protoclr.kernels (the autotuned ones on a GPU)
 TRITON_KERNELS = (

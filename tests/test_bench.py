@@ -118,10 +118,11 @@ def test_quality_summary_table_and_resume_key(tmp_path):
 def test_e2e_times_the_bank_estep_apart_from_the_first_pass(tmp_path):
     """bench/e2e.py with cluster.features=bank: the first E-step (a pass) is reported apart, the steady-state
     E-step share counts the bank's E-step and its per-step fill."""
-    from test_trainer import TINY, _write_folder
+    from tests.helpers import TINY_IN_PROCESS as TINY
+    from tests.helpers import write_digit_images
 
-    _write_folder(tmp_path / "data" / "train", 20, corrupt=False)  # 200 images: 3 steps of 64 an epoch
-    _write_folder(tmp_path / "data" / "val", 2, corrupt=False, offset=20)
+    write_digit_images(tmp_path / "data" / "train", 20, corrupt=False)  # 200 images: 3 steps of 64 an epoch
+    write_digit_images(tmp_path / "data" / "val", 2, corrupt=False, offset=20)
     out = tmp_path / "e2e.jsonl"
     cmd = [sys.executable, str(ROOT / "bench" / "e2e.py"), "--data", str(tmp_path / "data"), "--steps", "4",
            "--warmup", "1", "--results", str(out), *TINY, "batch_size=64", "cluster.k=4",

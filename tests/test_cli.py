@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from test_e2e import _run, _train_cli
-from test_trainer import TINY, _write_folder
 
 from protoclr import checkpoint, cluster, config
 from protoclr.eval.__main__ import main as eval_main
 from protoclr.model import build_model
+from tests.helpers import TINY_IN_PROCESS as TINY
+from tests.helpers import write_digit_images
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def files(tmp_path_factory):
     from PIL import Image
 
     root = tmp_path_factory.mktemp("cli")
-    _write_folder(root / "data", 5, corrupt=False)  # 10 classes x 5 images
+    write_digit_images(root / "data", 5, corrupt=False)  # 10 classes x 5 images
     (root / "empty").mkdir()
     for c in ("a", "b"):
         (root / "no_images" / c).mkdir(parents=True)

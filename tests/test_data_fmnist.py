@@ -105,9 +105,8 @@ def test_real_load_splits_subset(real, monkeypatch):
 
 def test_real_trainer_smoke(real, tmp_path, monkeypatch):
     """Two steps of the digits preset's tiny configuration on 256 images, kNN on the 10,000 test images."""
-    from test_trainer import tiny_cfg
-
     from protoclr.trainer import train
+    from tests.helpers import tiny_cfg
 
     root, _ = real
     monkeypatch.setenv("PROTOCLR_DATA_DIR", str(root.parent))

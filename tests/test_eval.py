@@ -82,13 +82,13 @@ def test_load_splits(tmp_path):
 @pytest.fixture(scope="module")
 def trained_ckpt(tmp_path_factory):
     """A checkpoint of a few steps on a small digits folder (train/ 20 per class, val/ 5 per class)."""
-    from test_trainer import TINY, _write_folder
-
     from protoclr.trainer import train
+    from tests.helpers import TINY_IN_PROCESS as TINY
+    from tests.helpers import write_digit_images
 
     root = tmp_path_factory.mktemp("eval_run")
-    _write_folder(root / "data" / "train", 20, corrupt=False)
-    _write_folder(root / "data" / "val", 5, corrupt=False, offset=20)
+    write_digit_images(root / "data" / "train", 20, corrupt=False)
+    write_digit_images(root / "data" / "val", 5, corrupt=False, offset=20)
     cfg = config.resolve(
         config.DEFAULT_PRESET, {"out": str(root / "out"), "max_steps": 3, "data.root": str(root / "data")}, TINY
     )

@@ -11,12 +11,13 @@ import torchvision
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_e2e import _run
-from test_trainer import TINY, _write_folder
 from torch import nn
 
 from protoclr import checkpoint, config
 from protoclr.export import main as export_main
 from protoclr.model import build_model
+from tests.helpers import TINY_IN_PROCESS as TINY
+from tests.helpers import write_digit_images
 
 
 def _fresh_torchvision(arch: str, stem: str) -> nn.Module:
@@ -66,7 +67,7 @@ def test_export_of_a_trained_run(tmp_path, capsys):
     """train.py's own checkpoint (ResNet-18 of width 64, CIFAR stem at 8 px, one step) in both formats."""
     from protoclr.trainer import train
 
-    _write_folder(tmp_path / "data", 5, corrupt=False)
+    write_digit_images(tmp_path / "data", 5, corrupt=False)
     over = TINY + ["model.width=64", "batch_size=8", "cluster.k=3", "eval.baselines=false"]
     named = {"out": str(tmp_path / "run"), "max_steps": 1, "data.root": str(tmp_path / "data")}
     ckpt = train(config.resolve(config.DEFAULT_PRESET, named, over))["checkpoint"]

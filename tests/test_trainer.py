@@ -12,18 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from PIL import Image
 from torch import nn
 
 from protoclr import checkpoint, config, ops
 from protoclr.model import DistBatchNorm, build_backbone, build_model, convert_sync_batchnorm
 from protoclr.optim import LARS, WarmupCosine, build_optimizer, param_groups, scaled_lr
-from tests.helpers import TINY_IN_PROCESS as TINY  # test_bench/cli/eval/export import it from here
-
-
-def tiny_cfg(out: Path, *extra: str, **named) -> config.Config:
-    return config.resolve(config.DEFAULT_PRESET, {"out": str(out), **named}, TINY + list(extra))
-
+from tests.helpers import tiny_cfg, write_digit_images
 
 # ------------------------------------------------------------------------------------------------ config
 
@@ -248,8 +242,8 @@ def test_rng_state_roundtrip():
 def small_digits(tmp_path_factory) -> Path:
     """train/ (20 real digits per class, 16 px) and val/ (5 per class): whole runs in seconds."""
     root = tmp_path_factory.mktemp("small_digits")
-    _write_folder(root / "train", 20, corrupt=False)
-    _write_folder(root / "val", 5, corrupt=False, offset=20)
+    write_digit_images(root / "train", 20, corrupt=False)
+    write_digit_images(root / "val", 5, corrupt=False, offset=20)
     return root
 
 
@@ -354,29 +348,12 @@ def test_step_loss_fills_the_bank_with_the_view_mean(small_digits):
     assert bank.counts.sum() == 6 and not bank.feats[[1, 4, 19]].any()
 
 
-def _write_folder(root: Path, n_per_class: int, corrupt: bool, offset: int = 0) -> None:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    for c in range(10):
-        (root / str(c)).mkdir(parents=True, exist_ok=True)
-        idx = [i for i in range(len(d.target)) if d.target[i] == c][offset : offset + n_per_class]
-        for i in idx:
-            px = (d.images[i] * 255 / 16).astype("uint8")
-            Image.fromarray(px, "L").resize((16, 16)).convert("RGB").save(root / str(c) / f"{i:04d}.png")
-    if corrupt:
-        (root / "3" / "zz_garbage.png").write_bytes(b"this is not an image at all")
-        good = (root / "4").iterdir().__next__().read_bytes()
-        (root / "4" / "zz_truncated.png").write_bytes(good[: len(good) // 2])
-        (root / "5" / "zz_empty.png").write_bytes(b"")
-
-
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_corrupt_images_do_not_stop_training(tmp_path, backend):
     from protoclr.trainer import train
 
-    _write_folder(tmp_path / "data" / "train", 7, corrupt=True)  # 70 good + 3 bad files
-    _write_folder(tmp_path / "data" / "val", 3, corrupt=False)
+    write_digit_images(tmp_path / "data" / "train", 7, corrupt=True)  # 70 good + 3 bad files
+    write_digit_images(tmp_path / "data" / "val", 3, corrupt=False)
     out = tmp_path / "out"
     res = train(
         tiny_cfg(
@@ -401,8 +378,8 @@ def test_corrupt_images_get_no_prototype_from_the_bank(tmp_path):
     from protoclr.data import scan_image_folder
     from protoclr.trainer import train
 
-    _write_folder(tmp_path / "data" / "train", 7, corrupt=True)
-    _write_folder(tmp_path / "data" / "val", 3, corrupt=False)
+    write_digit_images(tmp_path / "data" / "train", 7, corrupt=True)
+    write_digit_images(tmp_path / "data" / "val", 3, corrupt=False)
     named = {"data.root": str(tmp_path / "data")}
     train(tiny_cfg(tmp_path / "out", "batch_size=8", "cluster.k=4", "epochs=2", "cluster.features=bank", **named))
     ids = checkpoint.load(tmp_path / "out" / "checkpoint.pth")["prototypes"]["ids"]
