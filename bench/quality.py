@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's protoclr, also when it is not the installed one
 RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 PRESET = ROOT / "configs" / "fmnist.yaml"
-PRESET_TAU = 0.2  # the preset's loss.tau (tests/test_bench.py checks); rows at another tau are labelled with theirs
+# The preset's loss.tau and loss.fn_mode (tests/test_bench.py checks); rows of earlier presets are labelled with theirs.
+PRESET_TAU = 0.2
+PRESET_FN_MODE = "attract"
 
 # Objective of each method, as overrides of the preset. Everything else is shared. "spcl" is the preset as it is
 # (protoclr's default SPCL); the spcl-* rows pin the SPEC §2 values they vary, so they stay what their name says
@@ -172,15 +174,15 @@ def method_overrides(method: str, args) -> list[str]:
     return [*(METHODS[method] or []), *shared_overrides(args)]
 
 
-def effective_tau(method: str, args) -> float | None:
-    """loss.tau a (method, settings) trains with (None where no contrastive term trains: raw, random, supervised):
-    part of a row's key, so rows of an earlier preset are not taken for the current one."""
+def effective_loss(method: str, args) -> tuple[float | None, str | None]:
+    """(loss.tau, loss.fn_mode) a (method, settings) trains with ((None, None) where no contrastive term trains: raw,
+    random, supervised): part of a row's key, so rows of an earlier preset are not taken for the current one."""
     if METHODS[method] is None:
-        return None
+        return None, None
     from protoclr.config import resolve
 
     loss = resolve(args.config, {}, method_overrides(method, args)).loss
-    return loss.tau if loss.lambda_con else None
+    return (loss.tau, loss.fn_mode) if loss.lambda_con else (None, None)
 
 
 def run_name(method: str, args) -> str:
@@ -198,7 +200,8 @@ def run_one(method: str, seed: int, args, paths: dict[str, Path], work: Path) ->
     shared = shared_overrides(args)
     overrides = method_overrides(method, args)
     common = ["--data", str(paths["root"]), "--val", str(held)]
-    row: dict = {"method": name, "seed": seed, "split": args.split, "tau": effective_tau(method, args)}
+    tau, fn_mode = effective_loss(method, args)
+    row: dict = {"method": name, "seed": seed, "split": args.split, "tau": tau, "fn_mode": fn_mode}
     t0 = time.perf_counter()
     if METHODS[method] is None:
         base = [py, "-m", "protoclr.eval", "--config", args.config, *common]
@@ -249,13 +252,14 @@ def _key(row: dict) -> tuple:
         row.get("train_images"),
         tuple(row.get("overrides") or ()),
         row.get("tau"),
+        row.get("fn_mode"),
     )
 
 
 def planned_key(method: str, seed: int, args) -> tuple:
     """The `_key` of the row that running (method, seed) with these settings writes."""
     overrides = tuple(method_overrides(method, args))
-    return (run_name(method, args), seed, args.split, args.train_images, overrides, effective_tau(method, args))
+    return (run_name(method, args), seed, args.split, args.train_images, overrides, *effective_loss(method, args))
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -267,9 +271,13 @@ def load_rows(path: Path) -> list[dict]:
 
 
 def _label(row: dict) -> str:
-    """The table's name of a row: its method, and its temperature when that is not the current preset's."""
-    tau = row.get("tau")
-    return row["method"] if tau is None or tau == PRESET_TAU else f"{row['method']} (τ {tau:g})"
+    """The table's name of a row: its method, and what it took from an earlier preset: its temperature when that is
+    not the current preset's, its fn_mode when it took that from a preset with another one."""
+    tau, fn_mode = row.get("tau"), row.get("fn_mode")
+    pinned = any(o.startswith("loss.fn_mode=") for o in row.get("overrides") or ())
+    earlier = [f"τ {tau:g}"] if tau is not None and tau != PRESET_TAU else []
+    earlier += [fn_mode] if fn_mode is not None and fn_mode != PRESET_FN_MODE and not pinned else []
+    return row["method"] + (f" ({', '.join(earlier)})" if earlier else "")
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -366,7 +374,7 @@ def plot(summary: list[dict], split: str, out_dir: Path) -> Path | None:
             continue
         epochs = sorted({e for c in pts for e, _ in c})
         mean = [statistics.fmean(v for c in pts for e2, v in c if e2 == e) for e in epochs]
-        style = "--" if " (τ" in s["method"] else "-"  # rows of an earlier preset's temperature
+        style = "--" if " (" in s["method"] else "-"  # rows of an earlier preset
         ax2.plot(epochs, mean, style, marker="o", label=s["method"])
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("kNN top-1 % (mean over seeds)")

@@ -83,10 +83,15 @@ def test_quality_summary_table_and_resume_key(tmp_path):
                 "knn_curve": [[2, knn - 5], [4, knn]],
                 "train_images": args.train_images,
                 "overrides": q.method_overrides("spcl", args),
-                "tau": q.effective_tau("spcl", args),
+                "tau": q.effective_loss("spcl", args)[0],
+                "fn_mode": q.effective_loss("spcl", args)[1],
             }
         )
-    rows.append({**rows[0], "tau": 0.5, "knn_top1": 70.0})  # a row of an earlier preset: its own line
+    rows.append({**rows[0], "tau": 0.5, "knn_top1": 70.0})  # rows of earlier presets: their own lines
+    rows.append({**rows[0], "fn_mode": "mask", "knn_top1": 71.0})
+    rows.append({**rows[0], "tau": 0.5, "fn_mode": "mask", "knn_top1": 72.0})
+    simclr = {**rows[0], "method": "simclr", "overrides": q.method_overrides("simclr", args), "fn_mode": "none"}
+    rows.append(simclr)
     rows.append(
         {
             "method": "raw",
@@ -106,12 +111,18 @@ def test_quality_summary_table_and_resume_key(tmp_path):
     text = q.table(list(summary.values()))
     assert "| spcl | 3 | 80.00 / 82.00 / 90.00 | 84.00 ± 5.29 | 83.00 ± 5.29 |" in text and "| raw | 1 |" in text
     assert "cluster.k=50" in q.method_overrides("simclr", args) and "data.subset=0" in q.method_overrides("raw", args)
-    preset_tau = yaml.safe_load(q.PRESET.read_text())["loss"]["tau"]
-    assert q.effective_tau("spcl", args) == q.PRESET_TAU == preset_tau and q.effective_tau(
-        "raw", args
-    ) is None is q.effective_tau("supervised", args)
+    preset_loss = yaml.safe_load(q.PRESET.read_text())["loss"]
+    assert (
+        q.effective_loss("spcl", args)
+        == (q.PRESET_TAU, q.PRESET_FN_MODE)
+        == (preset_loss["tau"], preset_loss["fn_mode"])
+    )
+    assert q.effective_loss("raw", args) == (None, None) == q.effective_loss("supervised", args)
+    assert q.effective_loss("simclr", args) == (q.PRESET_TAU, "none")
     assert summary["spcl (τ 0.5)"]["knn"] == [70.0] and "| spcl (τ 0.5) | 1 |" in q.table(list(summary.values()))
-    assert q._key(rows[0]) == q.planned_key("spcl", 0, args) != q._key(rows[4])
+    assert summary["spcl (mask)"]["knn"] == [71.0] and summary["spcl (τ 0.5, mask)"]["knn"] == [72.0]
+    assert "simclr" in summary  # its fn_mode is its own (pinned by its overrides), not the preset's
+    assert q._key(rows[0]) == q.planned_key("spcl", 0, args) != q._key(rows[4]) != q._key(rows[5])
     assert q.plot(q.summarise(rows, "val"), "val", tmp_path).is_file()
 
 
