@@ -158,11 +158,6 @@ def test_torchrun_two_cpu_ranks_resume_exact(tmp_path, backend):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 target not met: with the new defaults make train ties raw pixels (97.46% vs 97.46%, 346/355 "
-    "each; 97.18% with the paper's objective); remove this mark when the preset beats pixels",
-)
 def test_learning_digits_preset(tmp_path):
     """`make train` (the default digits preset) learns: it ends by scoring raw pixels and the random-init encoder
     with the same kNN on the same held-out digits, and the trained encoder beats both."""
