@@ -71,6 +71,7 @@ def test_quality_summary_table_and_resume_key(tmp_path):
     q = _quality()
     args = q.get_args_parser().parse_args(["--split", "val", "--", "cluster.k=50"])
     rows = []
+    tau, fn_mode = q.effective_loss("spcl", args)
     for seed, knn in [(0, 80.0), (1, 82.0), (2, 84.0), (2, 90.0)]:  # seed 2 re-run: the latest row counts
         rows.append(
             {
@@ -83,8 +84,8 @@ def test_quality_summary_table_and_resume_key(tmp_path):
                 "knn_curve": [[2, knn - 5], [4, knn]],
                 "train_images": args.train_images,
                 "overrides": q.method_overrides("spcl", args),
-                "tau": q.effective_loss("spcl", args)[0],
-                "fn_mode": q.effective_loss("spcl", args)[1],
+                "tau": tau,
+                "fn_mode": fn_mode,
             }
         )
     rows.append({**rows[0], "tau": 0.5, "knn_top1": 70.0})  # rows of earlier presets: their own lines
