@@ -407,6 +407,8 @@ def _coerce(key: str, value: Any, typ, source: str) -> Any:
     if typ is str:
         if isinstance(value, (dict, list)) or value is None:
             raise bad()
+        if isinstance(value, bool):  # YAML 1.1 reads on/off (aug.blur's words), yes/no and true/false as booleans
+            return "on" if value else "off"
         return value if isinstance(value, str) else str(value)
     if origin is tuple:
         args = typing.get_args(typ)

@@ -123,6 +123,15 @@ def test_non_finite_numbers_are_refused_at_parse_time(text):
             config.resolve(None, {}, [f"{key}={value}"])
 
 
+@pytest.mark.parametrize(("text", "expect"), [("on", "on"), ("off", "off"), ("auto", "auto"), ("yes", "on")])
+def test_on_off_words_reach_text_fields(text, expect, tmp_path):
+    # YAML 1.1 reads `on`/`off` as booleans: `aug.blur=on` must still mean 'on', on the command line and in a preset.
+    assert config.resolve(None, {}, [f"aug.blur={text}"]).aug.blur == expect
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"aug:\n  blur: {text}\n")
+    assert config.resolve(preset, {}, []).aug.blur == expect
+
+
 def test_no_traceback_in_a_real_process(files):
     """The real processes (no pytest capture): a user error ends with one line on stderr and exit code 2."""
     train = _run("train.py", "--out", str(files / "out"), "--data", str(files / "no_images"), *TINY)
