@@ -73,6 +73,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from common import RESULTS, append_jsonl, env_info  # noqa: E402
 
+from protoclr.ops.checks import FN_MODES  # noqa: E402
+
 SCHEMA = 1
 # sm_90 limits (CUDA C Programming Guide, compute capability 9.0)
 SMEM_PER_BLOCK = 232448  # 227 KiB, opt-in dynamic shared memory per block
@@ -84,7 +86,6 @@ MAX_BLOCKS_PER_SM = 32
 CAPABILITY = 90
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-FN_MODES = ("none", "mask", "attract")
 # Compass sizes (README): contrastive N = 65,536, D = 128; siamese N = 16,384, Dh = 2048; assign 1.28M × 256, K = 3000.
 # Plus ragged cases (sizes not divisible by 16: no alignment specialisation; D = 100: masked feature tails,
 # EVEN_D = False) and, for the contrastive kernels, a wide-feature case (the BLOCK_D loop, D_SINGLE = False).
