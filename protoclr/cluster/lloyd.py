@@ -154,6 +154,41 @@ def _inertia(buf: torch.Tensor, c: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def _local_rows(fn: str, x: torch.Tensor, sharded: bool, on: bool, world: int, rank: int):
+    """(N, offset, xl): the global row count and this process's rows xl = global rows [offset, offset + len(xl));
+    under a process group, checks that the ranks agree on D (and on N unless sharded)."""
+    if on:
+        n_dim = torch.zeros(world, 2, dtype=torch.int64, device=x.device)
+        n_dim[rank] = torch.tensor([x.size(0), x.size(1)])
+        n_dim = dist.all_reduce_sum(n_dim).tolist()
+        if any(d != x.size(1) for _, d in n_dim):
+            fail(fn, f"x must have the same number of columns D on every rank, got {[d for _, d in n_dim]}")
+        if not sharded and any(n != x.size(0) for n, _ in n_dim):
+            fail(fn, f"x must be the same (N, D) on every rank unless sharded=True, got N={[n for n, _ in n_dim]}")
+        if sharded:
+            sizes = [n for n, _ in n_dim]
+            return sum(sizes), sum(sizes[:rank]), x
+    n_total = x.size(0)
+    offset = n_total * rank // world
+    return n_total, offset, x[offset : n_total * (rank + 1) // world]
+
+
+def _init_centroids(init, xl, offset: int, n_total: int, k: int, init_sample: int, seed: int, on: bool, acc):
+    """The (k, D) initial centroids in dtype acc (see `kmeans`), the same on every rank."""
+    if isinstance(init, torch.Tensor):
+        c = init.to(device=xl.device, dtype=acc).clone()
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n_total, generator=gen)
+        if init == "random":
+            c = _gather_rows(xl, offset, perm[:k], on, acc)
+        else:
+            c = _kmeans_pp(_gather_rows(xl, offset, perm[:init_sample], on, acc), k, gen)
+    if on:
+        c = broadcast(c)  # bitwise-identical centroids on every rank, whatever the device's reductions did
+    return c
+
+
 def kmeans(
     x: torch.Tensor,
     k: int,
@@ -229,22 +264,7 @@ def kmeans(
     device = x.device
     t0 = time.perf_counter()
 
-    # ---- rows of this process: xl = global rows [offset, offset + n_local)
-    if on:
-        n_dim = torch.zeros(world, 2, dtype=torch.int64, device=device)
-        n_dim[rank] = torch.tensor([x.size(0), x.size(1)])
-        n_dim = dist.all_reduce_sum(n_dim).tolist()
-        if any(d != x.size(1) for _, d in n_dim):
-            fail(fn, f"x must have the same number of columns D on every rank, got {[d for _, d in n_dim]}")
-        if not sharded and any(n != x.size(0) for n, _ in n_dim):
-            fail(fn, f"x must be the same (N, D) on every rank unless sharded=True, got N={[n for n, _ in n_dim]}")
-    if on and sharded:
-        sizes = [n for n, _ in n_dim]
-        n_total, offset, xl = sum(sizes), sum(sizes[:rank]), x
-    else:
-        n_total = x.size(0)
-        offset = n_total * rank // world
-        xl = x[offset : n_total * (rank + 1) // world]
+    n_total, offset, xl = _local_rows(fn, x, sharded, on, world, rank)
     if k > n_total:
         fail(fn, f"k must be at most the number of rows N={n_total}, got {k}")
     if init_sample is None:
@@ -252,18 +272,7 @@ def kmeans(
     check_int(fn, "init_sample", init_sample, k)
     init_sample = min(init_sample, n_total)
 
-    # ---- init
-    if isinstance(init, torch.Tensor):
-        c = init.to(device=device, dtype=acc).clone()
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(n_total, generator=gen)
-        if init == "random":
-            c = _gather_rows(xl, offset, perm[:k], on, acc)
-        else:
-            c = _kmeans_pp(_gather_rows(xl, offset, perm[:init_sample], on, acc), k, gen)
-    if on:
-        c = broadcast(c)  # bitwise-identical centroids on every rank, whatever the device's reductions did
+    c = _init_centroids(init, xl, offset, n_total, k, init_sample, seed, on, acc)
     t_init = time.perf_counter() - t0
 
     # ---- Lloyd iterations
