@@ -30,7 +30,7 @@ from protoclr.ops.checks import FN_MODES
 pytestmark = pytest.mark.dist
 
 WORLD = 2
-OPS_BACKENDS = ["reference", "cpu", "triton"]
+OPS_BACKENDS = [b for b in ops.BACKENDS if b != "cuda"]  # gloo runs on the CPU (triton: its interpreter)
 # float64 throughout, so the only differences are summation order. Measured: ops ~1e-15 (sums over <= 24 rows,
 # terms O(1)); a trainer step ~1e-13 (a ResNet's backward through BN and LARS, gradients up to O(10)). The bounds
 # leave 100x of that and still catch a missing or doubled term (a local count or normaliser is >= 1e-3 here).
