@@ -219,6 +219,14 @@ def test_kmeans_deterministic_for_a_seed():
         assert not torch.equal(c3, c4)
 
 
+def test_kmeans_builds_no_autograd_graph():
+    # Features straight from a model may require grad; the E-step must neither track nor return a graph.
+    x, _ = _blobs(n_per=20, centers=4, dim=5, spread=1.0)
+    for init in ("k-means++", "random", x[:4].clone()):
+        c, _, _ = cluster.kmeans(x.clone().requires_grad_(), 4, iters=2, seed=0, init=init)
+        assert not c.requires_grad and c.grad_fn is None
+
+
 def test_kmeans_init_rows_come_from_the_data():
     x, _ = _blobs(n_per=20, centers=4, dim=5, spread=1.0)
     for init in ("k-means++", "random"):

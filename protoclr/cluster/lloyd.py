@@ -153,7 +153,6 @@ def _inertia(buf: torch.Tensor, c: torch.Tensor) -> float:
     return max(float(buf[-1] - 2 * (c64 * sums).sum() + (cnt * c64.pow(2).sum(1)).sum()), 0.0)
 
 
-@torch.no_grad()
 def _local_rows(fn: str, x: torch.Tensor, sharded: bool, on: bool, world: int, rank: int):
     """(N, offset, xl): the global row count and this process's rows xl = global rows [offset, offset + len(xl));
     under a process group, checks that the ranks agree on D (and on N unless sharded)."""
@@ -189,6 +188,7 @@ def _init_centroids(init, xl, offset: int, n_total: int, k: int, init_sample: in
     return c
 
 
+@torch.no_grad()
 def kmeans(
     x: torch.Tensor,
     k: int,
