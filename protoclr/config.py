@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -407,8 +408,6 @@ def _coerce(key: str, value: Any, typ, source: str) -> Any:
     if typ is str:
         if isinstance(value, (dict, list)) or value is None:
             raise bad()
-        if isinstance(value, bool):  # YAML 1.1 reads on/off (aug.blur's words), yes/no and true/false as booleans
-            return "on" if value else "off"
         return value if isinstance(value, str) else str(value)
     if origin is tuple:
         args = typing.get_args(typ)
@@ -444,12 +443,26 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Conf
     return cfg
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as booleans,
+    which would turn aug.blur's 'on' (or a folder named 'no') into True."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Flat {dotted key: value} from a YAML preset (nested sections or dotted keys both work)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: --config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.load(path.read_text(), Loader=_YamlLoader) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config: {path} must hold a mapping of keys, got {type(data).__name__}")
     return _flatten_mapping(data)
@@ -464,7 +477,7 @@ def parse_kv(items: list[str]) -> dict[str, Any]:
         key, _, raw = item.partition("=")
         key = key.strip().lstrip("-")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=_YamlLoader) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ValueError(f"config: cannot parse the value of {key!r}: {raw!r} ({e})") from None
         out[key] = value
