@@ -37,9 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's protoclr, also when it is not the installed one
 RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 PRESET = ROOT / "configs" / "fmnist.yaml"
-# The preset's loss.tau and loss.fn_mode (tests/test_bench.py checks); rows of earlier presets are labelled with theirs.
+# The preset's loss.tau, loss.fn_mode, epochs and precision on this CPU (tests/test_bench.py checks); rows of earlier
+# presets are labelled with theirs.
 PRESET_TAU = 0.2
 PRESET_FN_MODE = "attract"
+PRESET_EPOCHS = 12
+PRESET_PRECISION = "fp32"
 
 # Objective of each method, as overrides of the preset. Everything else is shared. "spcl" is the preset as it is
 # (protoclr's default SPCL); the spcl-* rows pin the SPEC §2 values they vary, so they stay what their name says
@@ -185,6 +188,21 @@ def effective_loss(method: str, args) -> tuple[float | None, str | None]:
     return (loss.tau, loss.fn_mode) if loss.lambda_con else (None, None)
 
 
+def effective_budget(method: str, args) -> tuple[int | None, str | None]:
+    """(epochs, precision) a (method, settings) trains with ((None, None) for raw and random: nothing trains): part of
+    a row's key, so rows of a preset with another budget are not taken for the current one."""
+    if METHODS[method] is None:
+        return None, None
+    import torch
+
+    from protoclr.config import resolve
+    from protoclr.trainer import resolve_precision
+
+    cfg = resolve(args.config, {}, method_overrides(method, args))
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return cfg.epochs, resolve_precision(cfg.precision, device.split(":")[0])
+
+
 def run_name(method: str, args) -> str:
     return method + (f"-{args.tag}" if args.tag else "")
 
@@ -201,7 +219,9 @@ def run_one(method: str, seed: int, args, paths: dict[str, Path], work: Path) ->
     overrides = method_overrides(method, args)
     common = ["--data", str(paths["root"]), "--val", str(held)]
     tau, fn_mode = effective_loss(method, args)
+    epochs, precision = effective_budget(method, args)
     row: dict = {"method": name, "seed": seed, "split": args.split, "tau": tau, "fn_mode": fn_mode}
+    row.update(epochs=epochs, precision=precision)
     t0 = time.perf_counter()
     if METHODS[method] is None:
         base = [py, "-m", "protoclr.eval", "--config", args.config, *common]
@@ -253,13 +273,16 @@ def _key(row: dict) -> tuple:
         tuple(row.get("overrides") or ()),
         row.get("tau"),
         row.get("fn_mode"),
+        row.get("epochs"),
+        row.get("precision"),
     )
 
 
 def planned_key(method: str, seed: int, args) -> tuple:
     """The `_key` of the row that running (method, seed) with these settings writes."""
     overrides = tuple(method_overrides(method, args))
-    return (run_name(method, args), seed, args.split, args.train_images, overrides, *effective_loss(method, args))
+    loss, budget = effective_loss(method, args), effective_budget(method, args)
+    return (run_name(method, args), seed, args.split, args.train_images, overrides, *loss, *budget)
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -272,11 +295,17 @@ def load_rows(path: Path) -> list[dict]:
 
 def _label(row: dict) -> str:
     """The table's name of a row: its method, and what it took from an earlier preset: its temperature when that is
-    not the current preset's, its fn_mode when it took that from a preset with another one."""
-    tau, fn_mode = row.get("tau"), row.get("fn_mode")
-    pinned = any(o.startswith("loss.fn_mode=") for o in row.get("overrides") or ())
+    not the current preset's, its fn_mode, epochs and precision when it took them from a preset with other ones."""
+    tau, fn_mode, epochs, precision = (row.get(k) for k in ("tau", "fn_mode", "epochs", "precision"))
+    overrides = row.get("overrides") or ()
+
+    def took(value, preset, key: str) -> bool:
+        return value is not None and value != preset and not any(o.startswith(key + "=") for o in overrides)
+
     earlier = [f"τ {tau:g}"] if tau is not None and tau != PRESET_TAU else []
-    earlier += [fn_mode] if fn_mode is not None and fn_mode != PRESET_FN_MODE and not pinned else []
+    earlier += [fn_mode] if took(fn_mode, PRESET_FN_MODE, "loss.fn_mode") else []
+    earlier += [f"{epochs} ep"] if took(epochs, PRESET_EPOCHS, "epochs") else []
+    earlier += [precision] if took(precision, PRESET_PRECISION, "precision") else []
     return row["method"] + (f" ({', '.join(earlier)})" if earlier else "")
 
 

@@ -333,10 +333,15 @@ def _open_output(cfg: Config, info: dist.DistInfo) -> tuple[Path, str]:
     return out, sha
 
 
+def resolve_precision(precision: str, device_type: str) -> str:
+    """cfg.precision with 'auto' resolved: bf16 on CUDA, fp32 elsewhere."""
+    return precision if precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+
+
 def _setup_precision(cfg: Config, device: torch.device) -> tuple[str, torch.dtype | None, torch.dtype]:
     """(cfg.precision resolved, autocast dtype or None, parameter dtype); 'auto' is bf16 on CUDA, else fp32.
     On CUDA it also turns TF32 matmuls and the cuDNN autotuner on."""
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(cfg.precision, device.type)
     if precision == "fp64" and device.type == "cuda":
         raise ValueError("config: precision=fp64 is for CPU tests; use bf16 or fp32 on CUDA")
     if device.type == "cuda":
@@ -344,7 +349,16 @@ def _setup_precision(cfg: Config, device: torch.device) -> tuple[str, torch.dtyp
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if device.type == "cpu" and amp_dtype is not None and not _cpu_has_native(amp_dtype):
+        log.warning("precision=%s: this CPU has no native %s matmuls, so it runs slower than fp32; set precision=fp32",
+                    precision, precision)
     return precision, amp_dtype, torch.float64 if precision == "fp64" else torch.float32
+
+
+def _cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs `dtype` convolutions natively here (bf16: AVX512-BF16 or AMX; fp16: AVX512-FP16 or AMX)."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    return bool(getattr(torch.ops.mkldnn, probe, lambda: False)())
 
 
 def _check_data(cfg: Config, train_ds, world: int) -> None:

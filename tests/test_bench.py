@@ -72,6 +72,7 @@ def test_quality_summary_table_and_resume_key(tmp_path):
     args = q.get_args_parser().parse_args(["--split", "val", "--", "cluster.k=50"])
     rows = []
     tau, fn_mode = q.effective_loss("spcl", args)
+    epochs, precision = q.effective_budget("spcl", args)
     for seed, knn in [(0, 80.0), (1, 82.0), (2, 84.0), (2, 90.0)]:  # seed 2 re-run: the latest row counts
         rows.append(
             {
@@ -86,11 +87,14 @@ def test_quality_summary_table_and_resume_key(tmp_path):
                 "overrides": q.method_overrides("spcl", args),
                 "tau": tau,
                 "fn_mode": fn_mode,
+                "epochs": epochs,
+                "precision": precision,
             }
         )
     rows.append({**rows[0], "tau": 0.5, "knn_top1": 70.0})  # rows of earlier presets: their own lines
     rows.append({**rows[0], "fn_mode": "mask", "knn_top1": 71.0})
     rows.append({**rows[0], "tau": 0.5, "fn_mode": "mask", "knn_top1": 72.0})
+    rows.append({**rows[0], "epochs": 6, "precision": "fp64", "knn_top1": 73.0})
     simclr = {**rows[0], "method": "simclr", "overrides": q.method_overrides("simclr", args), "fn_mode": "none"}
     rows.append(simclr)
     rows.append(
@@ -112,18 +116,24 @@ def test_quality_summary_table_and_resume_key(tmp_path):
     text = q.table(list(summary.values()))
     assert "| spcl | 3 | 80.00 / 82.00 / 90.00 | 84.00 ± 5.29 | 83.00 ± 5.29 |" in text and "| raw | 1 |" in text
     assert "cluster.k=50" in q.method_overrides("simclr", args) and "data.subset=0" in q.method_overrides("raw", args)
-    preset_loss = yaml.safe_load(q.PRESET.read_text())["loss"]
+    preset = yaml.safe_load(q.PRESET.read_text())
+    preset_loss = preset["loss"]
     assert (
         q.effective_loss("spcl", args)
         == (q.PRESET_TAU, q.PRESET_FN_MODE)
         == (preset_loss["tau"], preset_loss["fn_mode"])
     )
+    assert q.effective_budget("spcl", args) == (q.PRESET_EPOCHS, q.PRESET_PRECISION) == (preset["epochs"], precision)
+    assert precision == {"auto": "fp32"}.get(preset.get("precision", "auto"), preset.get("precision"))  # on a CPU
+    assert q.effective_budget("raw", args) == (None, None) != q.effective_budget("supervised", args)
     assert q.effective_loss("raw", args) == (None, None) == q.effective_loss("supervised", args)
     assert q.effective_loss("simclr", args) == (q.PRESET_TAU, "none")
     assert summary["spcl (τ 0.5)"]["knn"] == [70.0] and "| spcl (τ 0.5) | 1 |" in q.table(list(summary.values()))
     assert summary["spcl (mask)"]["knn"] == [71.0] and summary["spcl (τ 0.5, mask)"]["knn"] == [72.0]
+    assert summary["spcl (6 ep, fp64)"]["knn"] == [73.0]
     assert "simclr" in summary  # its fn_mode is its own (pinned by its overrides), not the preset's
     assert q._key(rows[0]) == q.planned_key("spcl", 0, args) != q._key(rows[4]) != q._key(rows[5])
+    assert q._key(rows[7]) != q._key(rows[0])  # another budget: run again, not skipped
     assert q.plot(q.summarise(rows, "val"), "val", tmp_path).is_file()
 
 
