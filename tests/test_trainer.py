@@ -80,6 +80,22 @@ def test_presets_load(name):
         assert (cfg.model.arch, cfg.model.stem, cfg.cluster.k, cfg.loss.tau) == ("resnet18", "cifar", 512, 0.5)
 
 
+def test_cpu_autocast_warns_without_native_support(monkeypatch, caplog):
+    """bf16 autocast on a CPU without native bf16 is slower than fp32: the log says so and how to turn it off."""
+    from protoclr import trainer
+
+    cfg = config.Config(precision="bf16")
+    monkeypatch.setattr(trainer, "_cpu_has_native", lambda dtype: True)
+    with caplog.at_level("WARNING", logger="protoclr.trainer"):
+        assert trainer._setup_precision(cfg, torch.device("cpu"))[:2] == ("bf16", torch.bfloat16)
+    assert not caplog.records
+    monkeypatch.setattr(trainer, "_cpu_has_native", lambda dtype: False)
+    with caplog.at_level("WARNING", logger="protoclr.trainer"):
+        trainer._setup_precision(cfg, torch.device("cpu"))
+    assert "set precision=fp32" in caplog.text
+    assert trainer.resolve_precision("auto", "cpu") == "fp32" and trainer.resolve_precision("auto", "cuda") == "bf16"
+
+
 # ------------------------------------------------------------------------------------------------ model
 
 
