@@ -41,8 +41,8 @@ PRESET = ROOT / "configs" / "fmnist.yaml"
 # presets are labelled with theirs.
 PRESET_TAU = 0.2
 PRESET_FN_MODE = "attract"
-PRESET_EPOCHS = 12
-PRESET_PRECISION = "fp32"
+PRESET_EPOCHS = 16
+PRESET_PRECISION = "bf16"
 
 # Objective of each method, as overrides of the preset. Everything else is shared. "spcl" is the preset as it is
 # (protoclr's default SPCL); the spcl-* rows pin the SPEC §2 values they vary, so they stay what their name says
