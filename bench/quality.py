@@ -23,6 +23,7 @@ a (method, seed, split) already in the JSONL with the same settings is skipped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -207,12 +208,19 @@ def run_name(method: str, args) -> str:
     return method + (f"-{args.tag}" if args.tag else "")
 
 
+def settings_digest(method: str, args) -> str:
+    """8 hex digits of the preset's text and the overrides: a run folder holds one setting, so a crashed run resumes
+    but a run of an earlier preset (or other overrides) is never resumed as if it were this one."""
+    text = json.dumps([Path(args.config).read_text(), method_overrides(method, args)])
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
 def run_one(method: str, seed: int, args, paths: dict[str, Path], work: Path) -> dict:
     """Train (unless raw/random) and evaluate one (method, seed); returns the JSONL row."""
     held = paths[args.split]
     py = sys.executable
     name = run_name(method, args)
-    run_dir = work / "runs" / args.split / f"{name}-s{seed}"
+    run_dir = work / "runs" / args.split / f"{name}-s{seed}-{settings_digest(method, args)}"
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "study.log"
     shared = shared_overrides(args)

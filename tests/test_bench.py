@@ -134,6 +134,14 @@ def test_quality_summary_table_and_resume_key(tmp_path):
     assert "simclr" in summary  # its fn_mode is its own (pinned by its overrides), not the preset's
     assert q._key(rows[0]) == q.planned_key("spcl", 0, args) != q._key(rows[4]) != q._key(rows[5])
     assert q._key(rows[7]) != q._key(rows[0])  # another budget: run again, not skipped
+    # ... in a folder of its own, not by resuming the earlier setting's checkpoint
+    assert q.settings_digest("spcl", args) == q.settings_digest("spcl", q.get_args_parser().parse_args(
+        ["--split", "test", "--", "cluster.k=50"]))  # fmt: skip
+    assert q.settings_digest("spcl", args) != q.settings_digest("simclr", args)
+    other = tmp_path / "preset.yaml"
+    other.write_text(q.PRESET.read_text() + "epochs: 1\n")
+    args_other = q.get_args_parser().parse_args(["--split", "val", "--config", str(other), "--", "cluster.k=50"])
+    assert q.settings_digest("spcl", args_other) != q.settings_digest("spcl", args)
     assert q.plot(q.summarise(rows, "val"), "val", tmp_path).is_file()
 
 
