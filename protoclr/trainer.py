@@ -350,8 +350,8 @@ def _setup_precision(cfg: Config, device: torch.device) -> tuple[str, torch.dtyp
         torch.backends.cudnn.benchmark = True
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if device.type == "cpu" and amp_dtype is not None and not _cpu_has_native(amp_dtype):
-        log.warning("precision=%s: this CPU has no native %s matmuls, so it runs slower than fp32; set precision=fp32",
-                    precision, precision)
+        log.warning("precision=%s: this CPU has no native %s support, so it runs slower than fp32; set precision=fp32",
+                    precision, precision)  # fmt: skip
     return precision, amp_dtype, torch.float64 if precision == "fp64" else torch.float32
 
 
