@@ -390,7 +390,7 @@ def plot(summary: list[dict], split: str, out_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 5.2))
     ax2.set_prop_cycle(color=plt.cm.tab20.colors)  # distinct colours for up to 20 methods
     names = [s["method"] for s in summary]
     x = range(len(names))
@@ -404,7 +404,7 @@ def plot(summary: list[dict], split: str, out_dir: Path) -> Path | None:
     ax1.set_xticks(list(x), names, rotation=30, ha="right")
     ax1.set_ylabel("top-1 %")
     ax1.set_title(f"Fashion-MNIST, {split} split (mean ± std over seeds)")
-    ax1.legend(loc="lower right")
+    ax1.legend(loc="upper right")
     for s in summary:
         pts = [c for c in s["curves"] if c]
         if not pts:
@@ -416,7 +416,7 @@ def plot(summary: list[dict], split: str, out_dir: Path) -> Path | None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("kNN top-1 % (mean over seeds)")
     ax2.set_title("kNN monitor during training")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not over them
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"quality_fmnist_{split}.png"
