@@ -105,8 +105,8 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "torchvision") -> dict[
         "fc": "excluded (protoclr trains no classifier): set model.fc = torch.nn.Identity(); the model then returns "
         "the pooled features",
         "feat_dim": [m for m in target.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features,
-        "image_size": cfg.aug.image_size,
-        "resize_size": eval_resize_size(cfg.aug.image_size),
+        "image_size": cfg.aug.eval_size_resolved,
+        "resize_size": eval_resize_size(cfg.aug.eval_size_resolved),
         "mean": list(cfg.aug.mean),
         "std": list(cfg.aug.std),
         "input": "RGB scaled to [0, 1], shorter side resized to resize_size, centre crop of image_size, then "

@@ -288,6 +288,22 @@ def test_sharded_loaders_cover_each_index_once(backend, square_folder):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_loader_uses_eval_size_not_the_training_crop(backend, square_folder):
+    from protoclr import config
+    from protoclr.data import sharded_eval_loader
+
+    ds = scan_image_folder(square_folder)
+    for overrides, side in (([], 16), (["aug.eval_size=24"], 24)):
+        cfg = config.resolve(
+            None, {}, ["aug.image_size=16", f"data.backend={backend}", "data.num_workers=1", *overrides]
+        )
+        images = next(iter(sharded_eval_loader(ds, cfg, torch.device("cpu"))))[0]
+        assert images.shape[1:] == (3, side, side)
+    with pytest.raises(ValueError, match="eval_size"):
+        AugmentConfig(eval_size=-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_corrupt_files_skipped_counted_reported_once(backend, corrupt_folder, caplog):
     ds = scan_image_folder(corrupt_folder)
     assert len(ds) == 48

@@ -28,6 +28,14 @@ class AugmentConfig:
 
     image_size: int = field(default=32, metadata={"help": "side of the large (global) crops, in pixels"})
     views: int = field(default=2, metadata={"help": "large views per image (V); SPEC's default is 2"})
+    eval_size: int = field(
+        default=0,
+        metadata={
+            "help": "side of the eval centre crop (kNN, linear probe, the E-step's pass); 0 = image_size. Below the "
+            "native size training is cheaper, and random-resized crops enlarge objects, so training smaller than "
+            "the eval size matches their apparent size (FixRes, Touvron et al. 2019)"
+        },
+    )
     crop_scale: tuple[float, float] = field(
         default=(0.08, 1.0), metadata={"help": "random resized crop: range of the crop's area share of the image"}
     )
@@ -82,6 +90,8 @@ class AugmentConfig:
 
         if not isinstance(self.image_size, int) or self.image_size < 1:
             raise bad("image_size", "a positive int")
+        if not isinstance(self.eval_size, int) or self.eval_size < 0:
+            raise bad("eval_size", "an int >= 0 (0 = image_size)")
         if not isinstance(self.views, int) or self.views < 1:
             raise bad("views", "a positive int")
         if not isinstance(self.n_small_crops, int) or self.n_small_crops < 0:
@@ -121,6 +131,11 @@ class AugmentConfig:
     def small_size_resolved(self) -> int:
         """Side of the small crops (SwAV uses 96 px next to 224 px)."""
         return self.small_size or max(8, round(self.image_size * 96 / 224))
+
+    @property
+    def eval_size_resolved(self) -> int:
+        """Side of the eval centre crop."""
+        return self.eval_size or self.image_size
 
     @property
     def num_views(self) -> int:

@@ -98,7 +98,7 @@ def sharded_eval_loader(ds: ImageDataset, cfg, device: torch.device):
     indices = list(range(rank, len(ds), world)) if world > 1 else None
     return build_eval_loader(
         ds,
-        cfg.aug.image_size,
+        cfg.aug.eval_size_resolved,
         cfg.data.eval_batch_size,
         device,
         indices=indices,
