@@ -421,6 +421,9 @@ class EStep:
         self.cfg, self.model, self.optimizer = cfg, model, optimizer
         self.protos, self.train_ds, self.cluster_loader = protos, train_ds, cluster_loader
         self.device = protos.ids.device
+        # The pass runs in the training forward's precision where that is bf16 (also on a CPU, where
+        # extract_features would default to fp32): the prototypes are part of training, not an evaluation.
+        self.amp = True if dtype == torch.bfloat16 else None
         # cluster.features=bank: each E-step clusters the features the training forward computed in the epoch
         # before it, in the forward's own dtype `dtype` (README "E-step features").
         self.bank = (
@@ -473,7 +476,7 @@ class EStep:
             cluster.cluster_bank(bank, **kw)
         else:
             n = len(self.train_ds)
-            cluster.cluster_dataset(self.model.backbone, self.cluster_loader, n, device=self.device, **kw)
+            cluster.cluster_dataset(self.model.backbone, self.cluster_loader, n, device=self.device, amp=self.amp, **kw)
 
 
 def _backward(loss: torch.Tensor, optimizer, scaler, model, clip_grad: float) -> torch.Tensor:

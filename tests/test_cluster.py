@@ -442,6 +442,24 @@ def test_cluster_dataset_end_to_end(caplog):
     assert "epoch 3 prototypes" in caplog.text and "empty" in caplog.text
 
 
+def test_cluster_dataset_amp_runs_the_encoder_in_bf16_on_cpu():
+    # amp=True must reach the encoder (the trainer's bf16 E-step on a CPU); the default stays fp32 off CUDA.
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            y = nn.functional.linear(x.flatten(1), torch.eye(48))  # an autocast-eligible op
+            seen.append(y.dtype)
+            return y
+
+    x, _ = _blobs(n_per=8, centers=2, dim=48)
+    batches = [(x.view(-1, 3, 4, 4), torch.arange(x.size(0)))]
+    for amp, dtype in ((True, torch.bfloat16), (None, torch.float32)):
+        seen.clear()
+        cluster.cluster_dataset(Probe(), batches, x.size(0), k=2, pca_dim=4, device="cpu", amp=amp, progress=False)
+        assert seen == [dtype]
+
+
 # ------------------------------------------------------------------------------------------ feature bank
 
 

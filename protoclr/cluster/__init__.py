@@ -73,11 +73,12 @@ def cluster_dataset(
     prototypes: Prototypes | None = None,
     backend: str = "auto",
     progress: bool = True,
+    amp: bool | None = None,
 ) -> Prototypes:
     """The SPEC §1 E-step: extract_features -> pca_whiten -> kmeans -> Prototypes.update, logged.
 
     Args:
-        encoder, loader, num_images, device: see `extract_features` (loader with the eval transform).
+        encoder, loader, num_images, device, amp: see `extract_features` (loader with the eval transform).
         k: number of prototypes K; pca_dim, power: see `pca_whiten`; iters, seed, backend: see `kmeans`.
         epoch: recorded in the prototypes (the epoch about to use them).
         prototypes: updated in place; None creates `Prototypes(num_images)` on `device`.
@@ -87,7 +88,7 @@ def cluster_dataset(
         The updated prototypes: ids (num_images,) int64 on `device`, identical on every rank.
     """
     t0 = time.perf_counter()
-    feats = extract_features(encoder, loader, num_images, device, progress=progress)
+    feats = extract_features(encoder, loader, num_images, device, amp=amp, progress=progress)
     return _cluster(
         feats, None, "features", time.perf_counter() - t0, k=k, pca_dim=pca_dim, power=power, iters=iters, seed=seed,
         epoch=epoch, prototypes=prototypes, backend=backend, progress=progress,
