@@ -38,12 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's protoclr, also when it is not the installed one
 RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 PRESET = ROOT / "configs" / "fmnist.yaml"
-# The preset's loss.tau, loss.fn_mode, epochs and precision on this CPU (tests/test_bench.py checks); rows of earlier
-# presets are labelled with theirs.
+# The preset's loss.tau, loss.fn_mode, epochs, precision on this CPU and training crop side (aug.image_size)
+# (tests/test_bench.py checks); rows of earlier presets are labelled with theirs.
 PRESET_TAU = 0.2
 PRESET_FN_MODE = "attract"
-PRESET_EPOCHS = 16
+PRESET_EPOCHS = 32
 PRESET_PRECISION = "bf16"
+PRESET_IMAGE_SIZE = 20
 
 # Objective of each method, as overrides of the preset. Everything else is shared. "spcl" is the preset as it is
 # (protoclr's default SPCL); the spcl-* rows pin the SPEC §2 values they vary, so they stay what their name says
@@ -189,11 +190,12 @@ def effective_loss(method: str, args) -> tuple[float | None, str | None]:
     return (loss.tau, loss.fn_mode) if loss.lambda_con else (None, None)
 
 
-def effective_budget(method: str, args) -> tuple[int | None, str | None]:
-    """(epochs, precision) a (method, settings) trains with ((None, None) for raw and random: nothing trains): part of
-    a row's key, so rows of a preset with another budget are not taken for the current one."""
+def effective_budget(method: str, args) -> tuple[int | None, str | None, int | None]:
+    """(epochs, precision, aug.image_size) a (method, settings) trains with ((None, None, None) for raw and random:
+    nothing trains): part of a row's key, so rows of a preset with another budget are not taken for the current
+    one."""
     if METHODS[method] is None:
-        return None, None
+        return None, None, None
     import torch
 
     from protoclr.config import resolve
@@ -201,7 +203,7 @@ def effective_budget(method: str, args) -> tuple[int | None, str | None]:
 
     cfg = resolve(args.config, {}, method_overrides(method, args))
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return cfg.epochs, resolve_precision(cfg.precision, device.split(":")[0])
+    return cfg.epochs, resolve_precision(cfg.precision, device.split(":")[0]), cfg.aug.image_size
 
 
 def run_name(method: str, args) -> str:
@@ -227,9 +229,9 @@ def run_one(method: str, seed: int, args, paths: dict[str, Path], work: Path) ->
     overrides = method_overrides(method, args)
     common = ["--data", str(paths["root"]), "--val", str(held)]
     tau, fn_mode = effective_loss(method, args)
-    epochs, precision = effective_budget(method, args)
+    epochs, precision, image_size = effective_budget(method, args)
     row: dict = {"method": name, "seed": seed, "split": args.split, "tau": tau, "fn_mode": fn_mode}
-    row.update(epochs=epochs, precision=precision)
+    row.update(epochs=epochs, precision=precision, image_size=image_size)
     t0 = time.perf_counter()
     if METHODS[method] is None:
         base = [py, "-m", "protoclr.eval", "--config", args.config, *common]
@@ -283,6 +285,7 @@ def _key(row: dict) -> tuple:
         row.get("fn_mode"),
         row.get("epochs"),
         row.get("precision"),
+        row.get("image_size"),
     )
 
 
@@ -303,8 +306,11 @@ def load_rows(path: Path) -> list[dict]:
 
 def _label(row: dict) -> str:
     """The table's name of a row: its method, and what it took from an earlier preset: its temperature when that is
-    not the current preset's, its fn_mode, epochs and precision when it took them from a preset with other ones."""
-    tau, fn_mode, epochs, precision = (row.get(k) for k in ("tau", "fn_mode", "epochs", "precision"))
+    not the current preset's, its fn_mode, epochs, precision and training crop side when it took them from a preset
+    with other ones."""
+    tau, fn_mode, epochs, precision, size = (
+        row.get(k) for k in ("tau", "fn_mode", "epochs", "precision", "image_size")
+    )
     overrides = row.get("overrides") or ()
 
     def took(value, preset, key: str) -> bool:
@@ -314,6 +320,7 @@ def _label(row: dict) -> str:
     earlier += [fn_mode] if took(fn_mode, PRESET_FN_MODE, "loss.fn_mode") else []
     earlier += [f"{epochs} ep"] if took(epochs, PRESET_EPOCHS, "epochs") else []
     earlier += [precision] if took(precision, PRESET_PRECISION, "precision") else []
+    earlier += [f"{size} px"] if took(size, PRESET_IMAGE_SIZE, "aug.image_size") else []
     return row["method"] + (f" ({', '.join(earlier)})" if earlier else "")
 
 

@@ -72,7 +72,7 @@ def test_quality_summary_table_and_resume_key(tmp_path):
     args = q.get_args_parser().parse_args(["--split", "val", "--", "cluster.k=50"])
     rows = []
     tau, fn_mode = q.effective_loss("spcl", args)
-    epochs, precision = q.effective_budget("spcl", args)
+    epochs, precision, image_size = q.effective_budget("spcl", args)
     for seed, knn in [(0, 80.0), (1, 82.0), (2, 84.0), (2, 90.0)]:  # seed 2 re-run: the latest row counts
         rows.append(
             {
@@ -89,12 +89,14 @@ def test_quality_summary_table_and_resume_key(tmp_path):
                 "fn_mode": fn_mode,
                 "epochs": epochs,
                 "precision": precision,
+                "image_size": image_size,
             }
         )
     rows.append({**rows[0], "tau": 0.5, "knn_top1": 70.0})  # rows of earlier presets: their own lines
     rows.append({**rows[0], "fn_mode": "mask", "knn_top1": 71.0})
     rows.append({**rows[0], "tau": 0.5, "fn_mode": "mask", "knn_top1": 72.0})
     rows.append({**rows[0], "epochs": 6, "precision": "fp64", "knn_top1": 73.0})
+    rows.append({**rows[0], "image_size": 28, "knn_top1": 74.0})
     simclr = {**rows[0], "method": "simclr", "overrides": q.method_overrides("simclr", args), "fn_mode": "none"}
     rows.append(simclr)
     rows.append(
@@ -123,17 +125,18 @@ def test_quality_summary_table_and_resume_key(tmp_path):
         == (q.PRESET_TAU, q.PRESET_FN_MODE)
         == (preset_loss["tau"], preset_loss["fn_mode"])
     )
-    budget = (q.PRESET_EPOCHS, q.PRESET_PRECISION)
-    assert q.effective_budget("spcl", args) == (epochs, precision) == budget == (preset["epochs"], preset["precision"])
-    assert q.effective_budget("raw", args) == (None, None) != q.effective_budget("supervised", args)
+    budget = (q.PRESET_EPOCHS, q.PRESET_PRECISION, q.PRESET_IMAGE_SIZE)
+    from_yaml = (preset["epochs"], preset["precision"], preset["aug"]["image_size"])
+    assert q.effective_budget("spcl", args) == (epochs, precision, image_size) == budget == from_yaml
+    assert q.effective_budget("raw", args) == (None, None, None) != q.effective_budget("supervised", args)
     assert q.effective_loss("raw", args) == (None, None) == q.effective_loss("supervised", args)
     assert q.effective_loss("simclr", args) == (q.PRESET_TAU, "none")
     assert summary["spcl (τ 0.5)"]["knn"] == [70.0] and "| spcl (τ 0.5) | 1 |" in q.table(list(summary.values()))
     assert summary["spcl (mask)"]["knn"] == [71.0] and summary["spcl (τ 0.5, mask)"]["knn"] == [72.0]
-    assert summary["spcl (6 ep, fp64)"]["knn"] == [73.0]
+    assert summary["spcl (6 ep, fp64)"]["knn"] == [73.0] and summary["spcl (28 px)"]["knn"] == [74.0]
     assert "simclr" in summary  # its fn_mode is its own (pinned by its overrides), not the preset's
     assert q._key(rows[0]) == q.planned_key("spcl", 0, args) != q._key(rows[4]) != q._key(rows[5])
-    assert q._key(rows[7]) != q._key(rows[0])  # another budget: run again, not skipped
+    assert q._key(rows[7]) != q._key(rows[0]) != q._key(rows[8])  # another budget: run again, not skipped
     # ... in a folder of its own, not by resuming the earlier setting's checkpoint
     assert q.settings_digest("spcl", args) == q.settings_digest("spcl", q.get_args_parser().parse_args(
         ["--split", "test", "--", "cluster.k=50"]))  # fmt: skip
