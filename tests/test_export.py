@@ -88,7 +88,9 @@ def test_export_imagenet_stem_resnet50(tmp_path, capsys):
     """The ImageNet stem loads into the stock torchvision model (only fc swapped), Bottleneck names included; BN
     statistics made non-trivial, weights stored channels_last as the trainer keeps them."""
     arch, fmt = "resnet50", "safetensors"
-    cfg = config.resolve(None, {}, [f"model.arch={arch}", "model.stem=imagenet", "aug.image_size=32", "cluster.k=5"])
+    # Trained on 32-px crops, scored at 40: the metadata gives the evaluation's input (aug.eval_size).
+    over = [f"model.arch={arch}", "model.stem=imagenet", "aug.image_size=32", "aug.eval_size=40", "cluster.k=5"]
+    cfg = config.resolve(None, {}, over)
     model = build_model(cfg).to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -103,7 +105,8 @@ def test_export_imagenet_stem_resnet50(tmp_path, capsys):
     out = tmp_path / f"{arch}.safetensors"
     export_main(["--ckpt", str(ckpt), "--out", str(out), "--format", fmt])
     capsys.readouterr()
-    _assert_same_features(ckpt, out, fmt, arch, "imagenet", 32)
+    _assert_same_features(ckpt, out, fmt, arch, "imagenet", 40)
+    assert _read(out, fmt)[1]["resize_size"] == 46  # round(40 / 0.875)
 
 
 def test_export_user_errors(tmp_path, capsys):
