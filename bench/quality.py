@@ -40,7 +40,7 @@ RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 PRESET = ROOT / "configs" / "fmnist.yaml"
 # The preset's loss.tau, loss.fn_mode, epochs, precision on this CPU and training crop side (aug.image_size)
 # (tests/test_bench.py checks); rows of earlier presets are labelled with theirs.
-PRESET_TAU = 0.2
+PRESET_TAU = 0.1
 PRESET_FN_MODE = "attract"
 PRESET_EPOCHS = 32
 PRESET_PRECISION = "bf16"
