@@ -305,16 +305,17 @@ def load_rows(path: Path) -> list[dict]:
 
 
 def _label(row: dict) -> str:
-    """The table's name of a row: its method, and what it took from an earlier preset: its temperature when that is
-    not the current preset's, its fn_mode, epochs, precision and training crop side when it took them from a preset
-    with other ones."""
+    """The table's name of a row: its method, and where it differs from the current preset: its temperature, and its
+    fn_mode, epochs, precision and training crop side unless its name says so (the method pins them, as SimCLR's
+    fn_mode, or a tagged ablation's overrides set them). So a row of an earlier preset, or of an untagged run with
+    overrides (`-- epochs=64`), is never taken for the preset's."""
     tau, fn_mode, epochs, precision, size = (
         row.get(k) for k in ("tau", "fn_mode", "epochs", "precision", "image_size")
     )
-    overrides = row.get("overrides") or ()
+    named = (METHODS[row["method"]] or ()) if row["method"] in METHODS else (row.get("overrides") or ())
 
     def took(value, preset, key: str) -> bool:
-        return value is not None and value != preset and not any(o.startswith(key + "=") for o in overrides)
+        return value is not None and value != preset and not any(o.startswith(key + "=") for o in named)
 
     earlier = [f"τ {tau:g}"] if tau is not None and tau != PRESET_TAU else []
     earlier += [fn_mode] if took(fn_mode, PRESET_FN_MODE, "loss.fn_mode") else []

@@ -97,6 +97,9 @@ def test_quality_summary_table_and_resume_key(tmp_path):
     rows.append({**rows[0], "tau": 0.5, "fn_mode": "mask", "knn_top1": 72.0})
     rows.append({**rows[0], "epochs": 6, "precision": "fp64", "knn_top1": 73.0})
     rows.append({**rows[0], "image_size": 28, "knn_top1": 74.0})
+    longer = [*rows[0]["overrides"], "epochs=64"]  # the same method at another budget, untagged and tagged
+    rows.append({**rows[0], "epochs": 64, "overrides": longer, "knn_top1": 75.0})
+    rows.append({**rows[0], "method": "spcl-e64", "epochs": 64, "overrides": longer, "knn_top1": 76.0})
     simclr = {**rows[0], "method": "simclr", "overrides": q.method_overrides("simclr", args), "fn_mode": "none"}
     rows.append(simclr)
     rows.append(
@@ -134,6 +137,7 @@ def test_quality_summary_table_and_resume_key(tmp_path):
     assert summary["spcl (τ 0.5)"]["knn"] == [70.0] and "| spcl (τ 0.5) | 1 |" in q.table(list(summary.values()))
     assert summary["spcl (mask)"]["knn"] == [71.0] and summary["spcl (τ 0.5, mask)"]["knn"] == [72.0]
     assert summary["spcl (6 ep, fp64)"]["knn"] == [73.0] and summary["spcl (28 px)"]["knn"] == [74.0]
+    assert summary["spcl (64 ep)"]["knn"] == [75.0] and summary["spcl-e64"]["knn"] == [76.0]
     assert "simclr" in summary  # its fn_mode is its own (pinned by its overrides), not the preset's
     assert q._key(rows[0]) == q.planned_key("spcl", 0, args) != q._key(rows[4]) != q._key(rows[5])
     assert q._key(rows[7]) != q._key(rows[0]) != q._key(rows[8])  # another budget: run again, not skipped
