@@ -314,15 +314,15 @@ def _label(row: dict) -> str:
     )
     named = (METHODS[row["method"]] or ()) if row["method"] in METHODS else (row.get("overrides") or ())
 
-    def took(value, preset, key: str) -> bool:
+    def shown(value, preset, key: str) -> bool:
         return value is not None and value != preset and not any(o.startswith(key + "=") for o in named)
 
-    earlier = [f"τ {tau:g}"] if tau is not None and tau != PRESET_TAU else []
-    earlier += [fn_mode] if took(fn_mode, PRESET_FN_MODE, "loss.fn_mode") else []
-    earlier += [f"{epochs} ep"] if took(epochs, PRESET_EPOCHS, "epochs") else []
-    earlier += [precision] if took(precision, PRESET_PRECISION, "precision") else []
-    earlier += [f"{size} px"] if took(size, PRESET_IMAGE_SIZE, "aug.image_size") else []
-    return row["method"] + (f" ({', '.join(earlier)})" if earlier else "")
+    differs = [f"τ {tau:g}"] if tau is not None and tau != PRESET_TAU else []
+    differs += [fn_mode] if shown(fn_mode, PRESET_FN_MODE, "loss.fn_mode") else []
+    differs += [f"{epochs} ep"] if shown(epochs, PRESET_EPOCHS, "epochs") else []
+    differs += [precision] if shown(precision, PRESET_PRECISION, "precision") else []
+    differs += [f"{size} px"] if shown(size, PRESET_IMAGE_SIZE, "aug.image_size") else []
+    return row["method"] + (f" ({', '.join(differs)})" if differs else "")
 
 
 # ------------------------------------------------------------------------------------------------ report
